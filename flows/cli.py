@@ -1,0 +1,187 @@
+"""The `geofeat` command line. Every command works on the data root $GEOFEAT_HOME."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from flows import env as prefect_env
+
+prefect_env.apply()  # before anything imports prefect
+
+import typer  # noqa: E402
+
+from storage.layout import DataRoot  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _root() -> DataRoot:
+    return DataRoot.from_env()
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _print_table(table, fmt: str = "table") -> None:
+    import polars as pl
+
+    df = pl.from_arrow(table)
+    if fmt == "csv":
+        sys.stdout.write(df.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(df.to_dicts(), default=str, indent=1) + "\n")
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+            print(df)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: str = typer.Option("demo-world", help="folder or fsspec URL to write to"),
+    seed: int = typer.Option(0, help="same seed, same bytes"),
+    countries: int = typer.Option(6, min=1, max=8),
+    per_country: int = typer.Option(40, min=1, help="G50-layout images per country"),
+    heldout_per_country: int = typer.Option(8, min=0, help="IM2GPS-style held-out images per country"),
+    messy: bool = typer.Option(True, help="include a few bad inputs for the quarantine"),
+    overwrite: bool = typer.Option(False, help="replace an existing world made with another spec"),
+):
+    """Generate the synthetic street-scene demo world (G50 layout + panoptic + IM2GPS-style set)."""
+    from tasks.demo_world import DemoWorldSpec, generate_demo_world
+
+    spec = DemoWorldSpec(seed=seed, countries=countries, per_country=per_country,
+                         heldout_per_country=heldout_per_country, messy=messy)
+    try:
+        world = generate_demo_world(out, spec, overwrite=overwrite)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"demo world at {out}: {json.dumps(world.get('counts', {}))}")
+
+
+@app.command()
+def ingest(
+    layout: str = typer.Option(..., help="g50 | g3 | im2gps | osv5m"),
+    source: str = typer.Option(..., help="folder or CSV (any fsspec URL)"),
+    dataset: str = typer.Option(..., help="catalog name for this dataset"),
+    images: Optional[str] = typer.Option(None, help="image folder for CSV layouts"),
+    split: Optional[str] = typer.Option(None, help="hash (default) | train | val | test"),
+    shard_size: int = typer.Option(256, help="images per shard task"),
+    mode: str = typer.Option("incremental", help="incremental | overwrite"),
+):
+    """Run the `ingest` flow in this process."""
+    from pydantic import ValidationError
+
+    from flows.ingest import ingest as ingest_flow
+    from flows.params import IngestOptions, SourceSpec
+
+    try:
+        spec = SourceSpec(layout=layout, source=source, images=images, dataset=dataset,
+                          split={"policy": split} if split else None)
+        options = IngestOptions(shard_size=shard_size, mode=mode)
+    except ValidationError as exc:
+        _fail(str(exc))
+    summary = ingest_flow(spec, options, home=_root().url)
+    typer.echo(json.dumps(summary, indent=1))
+
+
+@app.command()
+def build(deployment: str = typer.Argument("demo", help="a deployment name from prefect.yaml")):
+    """Run `build-feature-datasets` in this process, with a prefect.yaml deployment's parameters."""
+    from flows.build_feature_datasets import build_feature_datasets
+    from flows.deployments import deployment_parameters
+
+    try:
+        params = deployment_parameters("build-feature-datasets", deployment)
+    except KeyError as exc:
+        _fail(str(exc))
+    build_feature_datasets(**params)
+    summary()
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="one SELECT over images, quarantine, ..."),
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+):
+    """Run one read-only SQL query over the catalog (writes and file access are refused)."""
+    from storage.catalog import QueryRefused
+    from storage.catalog import query as run_query
+
+    if format not in ("table", "csv", "json"):
+        _fail(f"--format must be table, csv or json, not {format!r}")
+    try:
+        table = run_query(_root(), query)
+    except QueryRefused as exc:
+        _fail(f"query refused: {exc}")
+    except Exception as exc:  # duckdb errors: bad SQL, unknown column, ...
+        _fail(f"{type(exc).__name__}: {exc}")
+    _print_table(table, format)
+
+
+@app.command()
+def summary():
+    """Print the catalog summary (images per dataset/split/country, quarantine reasons)."""
+    from tasks.report import catalog_summary
+
+    root = _root()
+    typer.echo(f"catalog: {root.catalog_sql}")
+    for title, table in catalog_summary(root).items():
+        typer.secho(f"\n{title}", bold=True)
+        _print_table(table)
+
+
+@app.command()
+def refresh():
+    """Rewrite catalog.sql from the committed shards."""
+    from storage.catalog import refresh_catalog
+
+    root = _root()
+    refresh_catalog(root)
+    typer.echo(root.catalog_sql)
+
+
+@app.command()
+def up(port: int = typer.Option(4200, help="server port on 127.0.0.1")):
+    """Start a local Prefect server, work pool, deployments and worker (idempotent)."""
+    from flows import server
+
+    try:
+        info = server.up(_root(), port=port)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    typer.echo(f"Prefect API {info['api_url']}  worker pid {info['worker_pid']}  logs {info['logs']}")
+    typer.echo('For the prefect CLI in this shell: eval "$(geofeat env)"')
+
+
+@app.command()
+def down():
+    """Stop the worker and server that `geofeat up` started."""
+    from flows import server
+
+    stopped = server.down(_root())
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command("env")
+def show_env(get: Optional[str] = typer.Option(None, help="print only this variable's value")):
+    """Print the environment for running `prefect` against this data root (eval it)."""
+    env = prefect_env.prefect_env(_root())
+    if get:
+        typer.echo(env.get(get, ""))
+        return
+    for key, value in env.items():
+        typer.echo(f"export {key}={json.dumps(value)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Flow `ingest`: one dataset from a source layout into the `images`/`quarantine` catalog."""
+
+from __future__ import annotations
+
+from prefect import flow, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.futures import wait
+from prefect.logging import get_run_logger
+
+from flows.params import IngestOptions, SourceSpec
+from storage import sources
+from storage.catalog import refresh_catalog
+from storage.layout import DataRoot
+from tasks.ingest import drop_dataset, ingest_shard_task, plan_ingest_task
+
+
+def check_source(spec: SourceSpec, field: str) -> None:
+    """Configuration errors raise before any work, naming the field and the fix."""
+    if not sources.exists(spec.source):
+        raise ValueError(f"{field}.source: {spec.source!r} does not exist; point it at the {spec.layout} data")
+    if spec.images and not sources.exists(spec.images):
+        raise ValueError(f"{field}.images: {spec.images!r} does not exist; omit it to use the CSV's folder")
+
+
+@flow(name="ingest", flow_run_name="ingest-{source.dataset}")
+def ingest(source: SourceSpec, options: IngestOptions = IngestOptions(), home: str | None = None) -> dict:
+    """List a source, plan shards of new files, ingest them in parallel, refresh the catalog."""
+    log = get_run_logger()
+    root = DataRoot.from_env(home)
+    check_source(source, "source")
+    if options.mode == "overwrite":
+        log.info("overwrite: dropped %d shard(s) of %s", drop_dataset(root, source.dataset), source.dataset)
+    params = {
+        "dataset": source.dataset,
+        "layout": source.layout,
+        "split": source.resolved_split().model_dump(),
+        "max_pixels": options.max_pixels,
+    }
+    plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
+    futures = ingest_shard_task.map(unmapped(root.url), plans)
+    wait(futures)
+    results = [f.result() for f in futures]  # raises if a shard failed after its retries
+    refresh_catalog(root)
+    summary = {
+        "dataset": source.dataset,
+        "shards": len(plans),
+        "shards_cached": sum(r["cached"] for r in results),
+        "images": sum(r["images"] for r in results),
+        "quarantined": sum(r["quarantined"] for r in results),
+        "warnings": warnings,
+    }
+    create_table_artifact([{k: v for k, v in summary.items() if k != "warnings"}],
+                          key=f"ingest-{source.dataset}", description="; ".join(warnings) or None)
+    log.info("ingest %s: %s", source.dataset, summary)
+    return summary

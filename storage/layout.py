@@ -1,0 +1,72 @@
+"""Where everything lives under the data root (`GEOFEAT_HOME`, any fsspec URL)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from functools import cached_property
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+ENV_HOME = "GEOFEAT_HOME"
+DEFAULT_HOME = "geofeat-data"  # relative to the working directory
+
+
+def home_url(url: str | None = None) -> str:
+    """The data root URL: the argument, else $GEOFEAT_HOME, else ./geofeat-data (made absolute)."""
+    url = url or os.environ.get(ENV_HOME) or DEFAULT_HOME
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """Paths of the catalog under one root URL; every writer and reader goes through this."""
+
+    url: str
+
+    @classmethod
+    def from_env(cls, url: str | None = None) -> "DataRoot":
+        return cls(home_url(url))
+
+    @cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.url)[0]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """A full URL (or absolute local path) under the root."""
+        return posixpath.join(self.url, *parts)
+
+    def shard_path(self, table: str, dataset: str, shard_id: str) -> str:
+        return self.path(table, f"dataset={dataset}", f"{shard_id}.parquet")
+
+    def commit_path(self, stage: str, dataset: str, shard_id: str) -> str:
+        return self.path("_commits", stage, f"dataset={dataset}", f"{shard_id}.json")
+
+    def commits_glob(self, stage: str = "*") -> str:
+        return self.path("_commits", stage, "dataset=*", "*.json")
+
+    def schema_path(self, table: str) -> str:
+        """An empty Parquet file with the table's schema, so a view is valid before any data."""
+        return self.path("_schema", f"{table}.parquet")
+
+    @property
+    def catalog_sql(self) -> str:
+        return self.path("catalog.sql")
+
+    @property
+    def prefect_home(self) -> str:
+        """PREFECT_HOME lives under the root so runs never touch ~/.prefect (local roots only)."""
+        return self.path("prefect") if self.is_local else home_url(DEFAULT_HOME) + "/prefect"
+
+    @property
+    def run_dir(self) -> str:
+        """Logs and PID files of `geofeat up` (local)."""
+        return posixpath.join(self.prefect_home, "run")

@@ -1,0 +1,111 @@
+"""Atomic shard writes and completion records.
+
+A shard counts as done only when its completion record exists. Files are written to a
+temporary name and renamed; the record is written last. A crash at any point leaves
+either nothing visible or files without a record, which a rerun overwrites with the
+same deterministic content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.layout import DataRoot
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_SIZE = 128 * 1024  # rows; metadata tables are narrow, so large groups scan fast
+
+
+@dataclass
+class CommitRecord:
+    """What a committed shard produced; the catalog is built from these alone."""
+
+    stage: str
+    dataset: str
+    shard_id: str
+    files: dict[str, str]  # table -> path relative to the data root
+    rows: dict[str, int]  # table -> row count
+    params: dict = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+
+def _atomic_write(root: DataRoot, path: str, write) -> None:
+    """Write via `write(fileobj)` to a temp name next to `path`, then rename into place."""
+    fs = root.fs
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    for stale in fs.glob(f"{path}.tmp-*"):  # leftovers of a killed earlier attempt
+        fs.rm(stale)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_parquet_atomic(root: DataRoot, table: pa.Table, path: str) -> None:
+    _atomic_write(
+        root,
+        path,
+        lambda f: pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE),
+    )
+
+
+def is_committed(root: DataRoot, stage: str, dataset: str, shard_id: str) -> bool:
+    return root.fs.exists(root.commit_path(stage, dataset, shard_id))
+
+
+def commit_shard(
+    root: DataRoot,
+    stage: str,
+    dataset: str,
+    shard_id: str,
+    tables: dict[str, pa.Table],
+    params: dict | None = None,
+) -> CommitRecord:
+    """Write each non-empty table as `<table>/dataset=<d>/<shard_id>.parquet`, then the record."""
+    files, rows = {}, {}
+    for name, table in tables.items():
+        rows[name] = table.num_rows
+        if table.num_rows:
+            path = root.shard_path(name, dataset, shard_id)
+            write_parquet_atomic(root, table, path)
+            files[name] = posixpath.relpath(path, root.url)
+    record = CommitRecord(
+        stage=stage,
+        dataset=dataset,
+        shard_id=shard_id,
+        files=files,
+        rows=rows,
+        params=params or {},
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
+    data = record.to_json().encode()
+    _atomic_write(root, root.commit_path(stage, dataset, shard_id), lambda f: f.write(data))
+    log.debug("committed %s shard %s/%s: %s", stage, dataset, shard_id, rows)
+    return record
+
+
+def read_commits(root: DataRoot, stage: str = "*") -> list[CommitRecord]:
+    """Every completion record under the root, in a stable order."""
+    fs = root.fs
+    paths = sorted(p for p in fs.glob(root.commits_glob(stage)) if ".tmp-" not in p)
+    if not paths:
+        return []
+    contents = fs.cat(paths)  # a list argument always returns {path: bytes}
+    return [CommitRecord(**json.loads(contents[p])) for p in paths]

@@ -1,0 +1,81 @@
+"""Reading source datasets (any fsspec URL): listings with size+mtime, bytes, CSVs."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime
+
+import fsspec
+import polars as pl
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    uri: str  # full URL (absolute path for local files)
+    rel: str  # path relative to the listed folder, '/'-separated
+    size: int  # bytes
+    mtime: float | None  # s since epoch; None where the store has no timestamp
+
+
+def _mtime(info: dict) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_fs(url)
+    return fs.exists(path)
+
+
+def is_dir(url: str) -> bool:
+    fs, path = url_fs(url)
+    return fs.isdir(path)
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def list_files(url: str) -> list[SourceFile]:
+    """Every file under a folder, recursively, with size and mtime from one listing."""
+    fs, root = url_fs(url)
+    root = root.rstrip("/")
+    out = []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") == "directory":
+            continue
+        rel = posixpath.relpath(path, root)
+        out.append(SourceFile(fs.unstrip_protocol(path) if "://" in url else path, rel, int(info.get("size") or 0), _mtime(info)))
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_fs(uri)
+    return fs.cat_file(path)
+
+
+def read_csv(url: str) -> pl.DataFrame:
+    """A CSV with every column as a string: 'NA' is Namibia, not a missing value."""
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    return pl.read_csv(io.BytesIO(data), infer_schema=False)

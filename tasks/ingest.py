@@ -1,0 +1,449 @@
+"""Ingest: source layouts -> shard plans -> `images` / `quarantine` Parquet shards.
+
+Three steps, each a plain function (Prefect wrappers at the bottom):
+1. `list_source`  reads a layout (g50, g3, im2gps, osv5m) into candidates with labels, and
+                  quarantines what is wrong before any pixel is read (unknown country,
+                  missing file, bad coordinates).
+2. `plan_shards`  drops what is already committed (same uri, size and mtime), groups the
+                  rest into shards with deterministic, content-derived ids.
+3. `ingest_shard` hashes and validates every image of a shard and commits it atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from storage import sources
+from storage.catalog import connect, refresh_catalog
+from storage.layout import DataRoot
+from storage.schema import IMAGES, QUARANTINE, to_table
+from storage.shards import commit_shard, is_committed, read_commits
+from tasks.geo import Country, countries_at, country_from_code, country_from_name, valid_latlon
+from tasks.retry import RETRY_DELAYS, retry_transient
+from tasks.splits import split_of
+from tasks.validate import BadInput, inspect_image, is_image_name
+
+log = logging.getLogger(__name__)
+
+STAGE = "ingest"
+INGEST_VERSION = "1"  # bump when ingest output changes for the same input
+
+
+class Candidate(BaseModel):
+    """One input file with its label, before its bytes are read."""
+
+    uri: str
+    size: int | None = None
+    mtime: float | None = None
+    country: str  # ISO alpha-2, already resolved
+    lat: float | None = None
+    lon: float | None = None
+
+    def key(self) -> tuple:
+        return (self.uri, self.size, self.mtime)
+
+
+class Rejected(BaseModel):
+    """An input quarantined while listing (it never reaches a shard's image reader)."""
+
+    uri: str
+    reason: str
+    detail: str
+    size: int | None = None
+    mtime: float | None = None
+
+    def key(self) -> tuple:
+        return (self.uri, self.size, self.mtime)
+
+
+class ShardPlan(BaseModel):
+    """A small manifest: what one shard task reads. Its id hashes everything that matters."""
+
+    dataset: str
+    shard_id: str
+    params: dict
+    candidates: list[Candidate] = []
+    rejected: list[Rejected] = []
+
+
+@dataclass
+class Listing:
+    candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def reject(self, uri: str, reason: str, detail: str, size=None, mtime=None) -> None:
+        self.rejected.append(Rejected(uri=uri, reason=reason, detail=detail, size=size, mtime=mtime))
+
+
+# ---------------------------------------------------------------- 1. layouts
+
+
+def _list_country_folders(listing: Listing, root: str, files: list[sources.SourceFile]) -> None:
+    """`<Country Name>/<...>/<file>`: the first folder names the country."""
+    for f in files:
+        parts = f.rel.split("/")
+        if any(p.startswith(".") for p in parts):
+            continue  # hidden files (.DS_Store, ._x.jpg) are OS litter, not inputs
+        if len(parts) < 2:
+            listing.reject(f.uri, "no_country_folder", f"file at the top of {root}", f.size, f.mtime)
+            continue
+        if not is_image_name(f.rel):
+            ext = posixpath.splitext(f.rel)[1] or "(none)"
+            listing.reject(f.uri, "unsupported_extension", f"extension {ext}", f.size, f.mtime)
+            continue
+        country = country_from_name(parts[0])
+        if country is None:
+            listing.reject(f.uri, "unknown_country", f"folder {parts[0]!r} is not a country", f.size, f.mtime)
+            continue
+        listing.candidates.append(Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code))
+
+
+def list_g50(source: str) -> Listing:
+    """Kaggle G50: `[compressed_dataset/]<Country Name>/canvas_<ts>.jpg`."""
+    inner = sources.join(source, "compressed_dataset")
+    root = inner if sources.is_dir(inner) else source
+    listing = Listing()
+    _list_country_folders(listing, root, sources.list_files(root))
+    return listing
+
+
+def _index_images(folder: str) -> dict[str, sources.SourceFile]:
+    """rel path and bare file name -> file, for manifest lookups."""
+    index: dict[str, sources.SourceFile] = {}
+    for f in sources.list_files(folder):
+        index.setdefault(f.rel, f)
+        index.setdefault(posixpath.basename(f.rel), f)
+    return index
+
+
+def _column(df, names: tuple[str, ...], what: str, url: str) -> str:
+    for name in df.columns:
+        if name.strip().lower() in names:
+            return name
+    raise ValueError(f"{url}: no {what} column (expected one of {names}; found {df.columns})")
+
+
+def list_g3(source: str, images: str | None) -> Listing:
+    """G3: a folder per country, or a CSV manifest with columns `path,country`."""
+    if sources.is_dir(source):
+        listing = Listing()
+        _list_country_folders(listing, source, sources.list_files(source))
+        return listing
+    df = sources.read_csv(source)
+    path_col = _column(df, ("path", "file", "filename"), "path", source)
+    country_col = _column(df, ("country",), "country", source)
+    folder = images or sources.parent(source)
+    index = _index_images(folder)
+    listing = Listing()
+    for row_no, row in enumerate(df.iter_rows(named=True), start=2):
+        rel = (row[path_col] or "").strip()
+        f = index.get(rel) or index.get(posixpath.basename(rel))
+        uri = f.uri if f else sources.join(folder, rel)
+        if f is None:
+            listing.reject(uri, "missing_file", f"{source} line {row_no}: {rel!r} not found under {folder}")
+            continue
+        raw = (row[country_col] or "").strip()
+        country = country_from_code(raw) if len(raw) in (2, 3) and raw.isupper() else country_from_name(raw)
+        if country is None:
+            listing.reject(uri, "unknown_country", f"{source} line {row_no}: {raw!r} is not a country", f.size, f.mtime)
+            continue
+        listing.candidates.append(Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code))
+    return listing
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def detect_swapped(lats: list[float | None], lons: list[float | None]) -> bool | None:
+    """Are the LAT and LON columns swapped? True/False, or None when the evidence conflicts.
+
+    Range first (|LAT| > 90 is impossible); when every value fits both ways, count how
+    many points land in a country each way.
+    """
+    pairs = [(a, b) for a, b in zip(lats, lons) if a is not None and b is not None]
+    lat_bad = sum(abs(a) > 90 for a, _ in pairs)
+    lon_bad = sum(abs(b) > 90 for _, b in pairs)
+    if lat_bad and not lon_bad and lat_bad >= 0.05 * len(pairs):
+        return True
+    if lat_bad and lon_bad:
+        return None
+    both = [(a, b) for a, b in pairs if valid_latlon(a, b) and valid_latlon(b, a)]
+    if len(both) < 10:
+        return False
+    land_as_is = sum(c is not None for c, _ in countries_at([a for a, _ in both], [b for _, b in both]))
+    land_swapped = sum(c is not None for c, _ in countries_at([b for _, b in both], [a for a, _ in both]))
+    return land_swapped > 2 * land_as_is and land_swapped >= 0.5 * len(both)
+
+
+def _geocode_into(listing: Listing, rows: list[tuple[str, sources.SourceFile, float, float]]) -> None:
+    """Resolve (uri, file, lat, lon) rows to countries by polygon lookup, in one batch."""
+    found = countries_at([r[2] for r in rows], [r[3] for r in rows])
+    for (where, f, lat, lon), (country, how) in zip(rows, found):
+        if country is None:
+            listing.reject(f.uri, "no_country_at_coordinates", f"{where}: ({lat}, {lon}) {how}", f.size, f.mtime)
+        else:
+            listing.candidates.append(
+                Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code, lat=lat, lon=lon)
+            )
+
+
+def list_im2gps(source: str, images: str | None) -> Listing:
+    """IM2GPS / Im2GPS3k: CSV `IMG_ID,AUTHOR,LAT,LON,...`; the country comes from LAT/LON only."""
+    df = sources.read_csv(source)
+    id_col = _column(df, ("img_id", "id", "image"), "IMG_ID", source)
+    lat_col = _column(df, ("lat", "latitude"), "LAT", source)
+    lon_col = _column(df, ("lon", "lng", "longitude"), "LON", source)
+    folder = images or _default_images(source)
+    index = _index_images(folder) if sources.exists(folder) else {}
+    listing = Listing()
+    lats = [_float(v) for v in df[lat_col].to_list()]
+    lons = [_float(v) for v in df[lon_col].to_list()]
+    swapped = detect_swapped(lats, lons)
+    if swapped:
+        lats, lons = lons, lats
+        msg = f"{source}: LAT and LON headers look swapped (latitudes beyond +/-90); using them swapped"
+        log.warning(msg)
+        listing.warnings.append(msg)
+    located = []
+    for row_no, (img_id, lat, lon) in enumerate(zip(df[id_col].to_list(), lats, lons), start=2):
+        name = (img_id or "").strip()
+        f = index.get(name) or next((index[name + e] for e in (".jpg", ".jpeg", ".png") if name + e in index), None)
+        where = f"{source} line {row_no}"
+        if f is None:
+            listing.reject(sources.join(folder, name), "missing_file", f"{where}: {name!r} not found under {folder}")
+            continue
+        if not valid_latlon(lat, lon):
+            # Valid only when swapped: this row alone may have its columns mixed up.
+            reason = "ambiguous_coordinates" if valid_latlon(lon, lat) else "coordinates_out_of_range"
+            listing.reject(f.uri, reason, f"{where}: LAT={lat} LON={lon}", f.size, f.mtime)
+            continue
+        located.append((where, f, lat, lon))
+    _geocode_into(listing, located)
+    return listing
+
+
+def _default_images(csv_url: str) -> str:
+    folder = sources.parent(csv_url)
+    inner = sources.join(folder, "images")
+    return inner if sources.is_dir(inner) else folder
+
+
+def list_osv5m(source: str, images: str | None) -> Listing:
+    """OSV-5M: `train.csv`/`test.csv` (`id,latitude,longitude,country`), `images/**/<id>.jpg`."""
+    csvs = [source]
+    if sources.is_dir(source):
+        csvs = [sources.join(source, n) for n in ("train.csv", "test.csv") if sources.exists(sources.join(source, n))]
+        if not csvs:
+            raise ValueError(f"{source}: no train.csv or test.csv in this folder")
+    folder = images or _default_images(csvs[0])
+    index = _index_images(folder) if sources.exists(folder) else {}
+    listing = Listing()
+    located = []
+    for csv in csvs:
+        df = sources.read_csv(csv)
+        id_col = _column(df, ("id",), "id", csv)
+        lat_col = _column(df, ("latitude", "lat"), "latitude", csv)
+        lon_col = _column(df, ("longitude", "lon"), "longitude", csv)
+        country_col = _column(df, ("country",), "country", csv)
+        for row_no, row in enumerate(df.iter_rows(named=True), start=2):
+            name = (row[id_col] or "").strip()
+            f = index.get(f"{name}.jpg") or index.get(name)
+            where = f"{csv} line {row_no}"
+            if f is None:
+                listing.reject(sources.join(folder, f"{name}.jpg"), "missing_file", f"{where}: {name}.jpg not found under {folder}")
+                continue
+            lat, lon = _float(row[lat_col]), _float(row[lon_col])
+            has_coords = row[lat_col] is not None or row[lon_col] is not None
+            if has_coords and not valid_latlon(lat, lon):
+                listing.reject(f.uri, "coordinates_out_of_range", f"{where}: latitude={row[lat_col]} longitude={row[lon_col]}", f.size, f.mtime)
+                continue
+            code = (row[country_col] or "").strip()
+            if code:
+                country = country_from_code(code)
+                if country is None:
+                    listing.reject(f.uri, "unknown_country", f"{where}: country code {code!r}", f.size, f.mtime)
+                else:
+                    listing.candidates.append(Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code, lat=lat, lon=lon))
+            elif has_coords:
+                located.append((where, f, lat, lon))
+            else:
+                listing.reject(f.uri, "missing_label", f"{where}: no country and no coordinates", f.size, f.mtime)
+    _geocode_into(listing, located)
+    return listing
+
+
+def list_source(layout: str, source: str, images: str | None = None) -> Listing:
+    if not sources.exists(source):
+        raise FileNotFoundError(f"source {source!r} does not exist")
+    if layout == "g50":
+        return list_g50(source)
+    if layout == "g3":
+        return list_g3(source, images)
+    if layout == "im2gps":
+        return list_im2gps(source, images)
+    if layout == "osv5m":
+        return list_osv5m(source, images)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# ---------------------------------------------------------------- 2. plan
+
+
+def committed_keys(root: DataRoot, dataset: str) -> set[tuple]:
+    """(uri, size, mtime) of every input this dataset already turned into a row."""
+    if not any(r.dataset == dataset for r in read_commits(root, STAGE)):
+        return set()
+    refresh_catalog(root)
+    con = connect(root)
+    try:
+        rows = con.execute(
+            "SELECT source_uri, size_bytes, source_mtime FROM images_all WHERE dataset = ? "
+            "UNION ALL SELECT source_uri, size_bytes, source_mtime FROM quarantine_all WHERE dataset = ?",
+            [dataset, dataset],
+        ).fetchall()
+    finally:
+        con.close()
+    return {tuple(r) for r in rows}
+
+
+def _shard_id(dataset: str, params: dict, items: list[BaseModel]) -> str:
+    payload = json.dumps([dataset, INGEST_VERSION, params, [i.model_dump() for i in items]], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def plan_shards(
+    dataset: str, listing: Listing, known: set[tuple], params: dict, shard_size: int
+) -> list[ShardPlan]:
+    """Group what is new into shards. Same input state -> same shards and ids."""
+    new = sorted((c for c in listing.candidates if c.key() not in known), key=lambda c: c.uri)
+    rejected = sorted((r for r in listing.rejected if r.key() not in known), key=lambda r: (r.uri, r.reason))
+    plans = []
+    for start in range(0, len(new), shard_size):
+        chunk = new[start : start + shard_size]
+        plans.append(ShardPlan(dataset=dataset, shard_id=_shard_id(dataset, params, chunk), params=params, candidates=chunk))
+    if rejected:  # listing-time rejections travel in one shard of their own
+        plans.append(ShardPlan(dataset=dataset, shard_id=_shard_id(dataset, params, rejected), params=params, rejected=rejected))
+    return plans
+
+
+# ---------------------------------------------------------------- 3. one shard
+
+
+def assign_split(image_id: str, params: dict) -> str:
+    split = params["split"]
+    if split["policy"] != "hash":
+        return split["policy"]
+    return split_of(image_id, split["train"], split["val"])
+
+
+def _image_row(c: Candidate, data: bytes, params: dict, country: Country, now: datetime) -> dict:
+    info = inspect_image(data, max_pixels=params["max_pixels"])
+    image_id = hashlib.sha256(data).hexdigest()
+    return {
+        "image_id": image_id,
+        "dataset": params["dataset"],
+        "split": assign_split(image_id, params),
+        "country": country.code,
+        "country_name": country.name,
+        "continent": country.continent,
+        "lat": c.lat,
+        "lon": c.lon,
+        "source_uri": c.uri,
+        "width": info.width,
+        "height": info.height,
+        "format": info.format,
+        "size_bytes": len(data),
+        "source_mtime": c.mtime,
+        "ingested_at": now,
+    }
+
+
+def _quarantine_row(uri, dataset, reason, detail, size, mtime, now) -> dict:
+    return {"source_uri": uri, "dataset": dataset, "reason": reason, "detail": detail,
+            "size_bytes": size, "source_mtime": mtime, "seen_at": now}
+
+
+def ingest_shard(root: DataRoot, plan: ShardPlan) -> dict:
+    """Read, hash and validate each image; commit `images` + `quarantine` rows atomically.
+
+    Bad images become quarantine rows. Transient I/O errors raise, so the task retries
+    the whole shard (nothing is visible until the commit record is written).
+    """
+    if is_committed(root, STAGE, plan.dataset, plan.shard_id):
+        return {"shard_id": plan.shard_id, "cached": True, "images": 0, "quarantined": 0}
+    now = datetime.now(timezone.utc)
+    images, quarantined = [], []
+    for r in plan.rejected:
+        quarantined.append(_quarantine_row(r.uri, plan.dataset, r.reason, r.detail, r.size, r.mtime, now))
+    for c in plan.candidates:
+        try:
+            data = sources.read_bytes(c.uri)
+        except FileNotFoundError:
+            quarantined.append(_quarantine_row(c.uri, plan.dataset, "missing_file", "vanished after listing", c.size, c.mtime, now))
+            continue
+        except (PermissionError, IsADirectoryError) as exc:
+            quarantined.append(_quarantine_row(c.uri, plan.dataset, "unreadable_file", str(exc), c.size, c.mtime, now))
+            continue
+        try:
+            images.append(_image_row(c, data, plan.params, country_from_code(c.country), now))
+        except BadInput as bad:
+            quarantined.append(_quarantine_row(c.uri, plan.dataset, bad.reason, bad.detail, c.size, c.mtime, now))
+    commit_shard(
+        root, STAGE, plan.dataset, plan.shard_id,
+        {"images": to_table(images, IMAGES), "quarantine": to_table(quarantined, QUARANTINE)},
+        params=plan.params,
+    )
+    return {"shard_id": plan.shard_id, "cached": False, "images": len(images), "quarantined": len(quarantined)}
+
+
+def drop_dataset(root: DataRoot, dataset: str) -> int:
+    """Remove a dataset's ingest shards (records first, so readers never see half of it)."""
+    fs = root.fs
+    records = [r for r in read_commits(root, STAGE) if r.dataset == dataset]
+    for r in records:
+        fs.rm(root.commit_path(STAGE, dataset, r.shard_id))
+    for r in records:
+        for rel in r.files.values():
+            if fs.exists(root.path(rel)):
+                fs.rm(root.path(rel))
+    return len(records)
+
+
+# ---------------------------------------------------------------- Prefect edge
+
+# The commit record is the cache: shard ids hash (uri, size, mtime) of every input, the
+# parameters and INGEST_VERSION, and a committed shard is never redone. Prefect's own
+# result cache is off so it can never claim a shard done whose files were deleted.
+
+
+@task(name="plan-ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient)
+def plan_ingest_task(home: str, layout: str, source: str, images: str | None, params: dict,
+                     shard_size: int) -> tuple[list[ShardPlan], list[str]]:
+    root = DataRoot(home)
+    listing = list_source(layout, source, images)
+    known = committed_keys(root, params["dataset"])
+    plans = plan_shards(params["dataset"], listing, known, params, shard_size)
+    log.info("%s: %d candidates, %d rejected while listing, %d already ingested, %d shard(s) to do",
+             params["dataset"], len(listing.candidates), len(listing.rejected), len(known), len(plans))
+    return plans, listing.warnings
+
+
+@task(name="ingest-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, task_run_name="ingest-{plan.dataset}-{plan.shard_id}")
+def ingest_shard_task(home: str, plan: ShardPlan) -> dict:
+    return ingest_shard(DataRoot(home), plan)

@@ -1,0 +1,122 @@
+"""Image validation: decide from the bytes alone whether an image is usable.
+
+Pure functions. A bad image raises `BadInput(reason, detail)`, which ingest turns into a
+quarantine row; nothing here ever stops a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Every quarantine reason, in one place.
+REASONS = {
+    "empty_file": "zero bytes",
+    "not_an_image": "not decodable as an image (wrong extension or garbage)",
+    "truncated": "image data ends early or is corrupt",
+    "decompression_bomb": "declared dimensions exceed max_pixels",
+    "bad_exif": "EXIF block unreadable",
+    "unsupported_extension": "file extension is not an image type",
+    "missing_file": "a manifest row names a file that does not exist",
+    "unreadable_file": "the file could not be read",
+    "unknown_country": "the label is not a country (a state, a city, a typo)",
+    "missing_label": "no country and no coordinates",
+    "coordinates_out_of_range": "lat/lon outside [-90,90] x [-180,180] or not numbers",
+    "no_country_at_coordinates": "coordinates fall at sea or in an area without an ISO code",
+    "ambiguous_coordinates": "lat/lon could be swapped and no interpretation wins",
+    "no_country_folder": "file is not inside a country folder",
+    "duplicate": "same bytes as an earlier image of the same dataset",
+}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MAX_PIXELS = 80_000_000  # px; a 16k x 5k panorama fits, a decompression bomb does not
+ORIENTATION_TAG = 0x0112  # EXIF orientation
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # px, after EXIF orientation
+    height: int  # px
+    format: str
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadInput("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadInput("decompression_bomb", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise BadInput("not_an_image", f"unidentified image data ({len(data)} bytes)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # broken headers
+        raise BadInput("not_an_image", f"{type(exc).__name__}: {exc}") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadInput("decompression_bomb", f"{w}x{h} px > max_pixels={max_pixels}")
+    if w < 1 or h < 1:
+        raise BadInput("not_an_image", f"{w}x{h} px")
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception as exc:  # PIL raises many types on malformed EXIF
+        raise BadInput("bad_exif", f"{type(exc).__name__}: {exc}") from exc
+
+
+def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Fully decode the image once (cheaply) to prove it is usable; return its oriented size."""
+    img = _open(data, max_pixels)
+    fmt = img.format or "UNKNOWN"
+    orientation = _orientation(img)
+    w, h = img.size
+    if fmt == "JPEG":
+        # DCT-domain downscale: still reads every byte (so truncation is caught) at ~1/8 the cost.
+        img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInput("truncated", f"{type(exc).__name__}: {exc}") from exc
+    if orientation in _TRANSPOSED:
+        w, h = h, w
+    return ImageInfo(width=w, height=h, format=fmt)
+
+
+def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode to an upright 8-bit RGB image (CMYK, L, P, RGBA, 16-bit all handled)."""
+    img = _open(data, max_pixels)
+    _orientation(img)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit: scale to 8 bits instead of clipping everything above 255 to white.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray((arr >> 8).clip(0, 255).astype("uint8"), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
