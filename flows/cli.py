@@ -18,6 +18,7 @@ from storage.layout import DataRoot  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
 
 
 def _root() -> DataRoot:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
@@ -37,7 +39,8 @@ def ingest(source: SourceSpec, options: IngestOptions = IngestOptions(), home: s
         "max_pixels": options.max_pixels,
     }
     plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
-    futures = ingest_shard_task.map(unmapped(root.url), plans)
+    started = datetime.now(timezone.utc)
+    futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
     wait(futures)
     results = [f.result() for f in futures]  # raises if a shard failed after its retries
     refresh_catalog(root)

@@ -142,7 +142,7 @@ def query(root: DataRoot, sql: str, params: list | None = None) -> pa.Table:
     check_read_only(sql)
     con = connect(root, read_only=True)
     try:
-        return con.execute(sql, params or []).to_arrow_table()
+        return con.sql(sql, params=params).to_arrow_table()
     except duckdb.PermissionException as exc:
         raise QueryRefused(f"refused by the read-only catalog: {exc}") from exc
     finally:

@@ -48,11 +48,6 @@ def _converter():
     return coco.CountryConverter()
 
 
-@lru_cache(maxsize=2)
-def _known_codes(src: str) -> frozenset[str]:
-    return frozenset(_converter().data[src])
-
-
 @lru_cache(maxsize=4096)
 def country_from_code(code: str) -> Country | None:
     """ISO alpha-2 (or alpha-3) code -> Country; None if it is no country code."""
@@ -61,12 +56,11 @@ def country_from_code(code: str) -> Country | None:
         return None
     cc = _converter()
     src = "ISO2" if len(code) == 2 else "ISO3"
-    if code not in _known_codes(src):  # convert() echoes unknown codes back
-        return None
     iso2 = cc.convert(code, src=src, to="ISO2", not_found=None)
-    name = cc.convert(iso2, src="ISO2", to="name_short", not_found=None)
-    continent = cc.convert(iso2, src="ISO2", to="Continent_7", not_found=None)
-    if not isinstance(name, str) or not isinstance(continent, str):
+    name = cc.convert(code, src=src, to="name_short", not_found=None)
+    continent = cc.convert(code, src=src, to="Continent_7", not_found=None)
+    # convert() echoes an unknown code back; no country's short name is 2-3 letters.
+    if not all(isinstance(v, str) for v in (iso2, name, continent)) or name.upper() == code:
         return None
     return Country(iso2, name, continent)
 

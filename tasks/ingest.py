@@ -171,22 +171,24 @@ def _float(value) -> float | None:
 def detect_swapped(lats: list[float | None], lons: list[float | None]) -> bool | None:
     """Are the LAT and LON columns swapped? True/False, or None when the evidence conflicts.
 
-    Range first (|LAT| > 90 is impossible); when every value fits both ways, count how
-    many points land in a country each way.
+    Each reading scores the rows that are valid coordinates *and* land in a country;
+    the swapped reading must win clearly (twice the score, and half the rows).
     """
     pairs = [(a, b) for a, b in zip(lats, lons) if a is not None and b is not None]
-    lat_bad = sum(abs(a) > 90 for a, _ in pairs)
-    lon_bad = sum(abs(b) > 90 for _, b in pairs)
-    if lat_bad and not lon_bad and lat_bad >= 0.05 * len(pairs):
-        return True
-    if lat_bad and lon_bad:
-        return None
-    both = [(a, b) for a, b in pairs if valid_latlon(a, b) and valid_latlon(b, a)]
-    if len(both) < 10:
+    if not pairs:
         return False
-    land_as_is = sum(c is not None for c, _ in countries_at([a for a, _ in both], [b for _, b in both]))
-    land_swapped = sum(c is not None for c, _ in countries_at([b for _, b in both], [a for a, _ in both]))
-    return land_swapped > 2 * land_as_is and land_swapped >= 0.5 * len(both)
+
+    def on_land(points: list[tuple[float, float]]) -> int:
+        points = [p for p in points if valid_latlon(*p)]
+        found = countries_at([p[0] for p in points], [p[1] for p in points])
+        return sum(country is not None for country, _ in found)
+
+    as_is, swapped = on_land(pairs), on_land([(b, a) for a, b in pairs])
+    if swapped > 2 * as_is and swapped >= 0.5 * len(pairs):
+        return True
+    if as_is < 0.5 * len(pairs) and swapped >= 0.5 * len(pairs):
+        return None  # both readings plausible for many rows: let the rows be judged alone
+    return False
 
 
 def _geocode_into(listing: Listing, rows: list[tuple[str, sources.SourceFile, float, float]]) -> None:
@@ -377,15 +379,16 @@ def _quarantine_row(uri, dataset, reason, detail, size, mtime, now) -> dict:
             "size_bytes": size, "source_mtime": mtime, "seen_at": now}
 
 
-def ingest_shard(root: DataRoot, plan: ShardPlan) -> dict:
+def ingest_shard(root: DataRoot, plan: ShardPlan, ingested_at: datetime | None = None) -> dict:
     """Read, hash and validate each image; commit `images` + `quarantine` rows atomically.
 
     Bad images become quarantine rows. Transient I/O errors raise, so the task retries
     the whole shard (nothing is visible until the commit record is written).
+    `ingested_at` is the run's start: one value per run keeps "first copy" well defined.
     """
     if is_committed(root, STAGE, plan.dataset, plan.shard_id):
         return {"shard_id": plan.shard_id, "cached": True, "images": 0, "quarantined": 0}
-    now = datetime.now(timezone.utc)
+    now = ingested_at or datetime.now(timezone.utc)
     images, quarantined = [], []
     for r in plan.rejected:
         quarantined.append(_quarantine_row(r.uri, plan.dataset, r.reason, r.detail, r.size, r.mtime, now))
@@ -445,5 +448,5 @@ def plan_ingest_task(home: str, layout: str, source: str, images: str | None, pa
 
 @task(name="ingest-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, task_run_name="ingest-{plan.dataset}-{plan.shard_id}")
-def ingest_shard_task(home: str, plan: ShardPlan) -> dict:
-    return ingest_shard(DataRoot(home), plan)
+def ingest_shard_task(home: str, plan: ShardPlan, ingested_at: datetime) -> dict:
+    return ingest_shard(DataRoot(home), plan, ingested_at)

@@ -27,7 +27,7 @@ SUMMARY_QUERIES = {
 def catalog_summary(root: DataRoot) -> dict[str, pa.Table]:
     con = connect(root)
     try:
-        return {title: con.execute(sql).to_arrow_table() for title, sql in SUMMARY_QUERIES.items()}
+        return {title: con.sql(sql).to_arrow_table() for title, sql in SUMMARY_QUERIES.items()}
     finally:
         con.close()
 

@@ -59,8 +59,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadInput("empty_file", "0 bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise BadInput("decompression_bomb", str(exc)) from exc
@@ -68,6 +68,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise BadInput("not_an_image", f"unidentified image data ({len(data)} bytes)") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # broken headers
         raise BadInput("not_an_image", f"{type(exc).__name__}: {exc}") from exc
+    for w in caught:  # PIL only *warns* about a corrupt EXIF block while opening
+        if "exif" in str(w.message).lower():
+            raise BadInput("bad_exif", str(w.message).strip())
     w, h = img.size
     if w * h > max_pixels:
         raise BadInput("decompression_bomb", f"{w}x{h} px > max_pixels={max_pixels}")
@@ -78,7 +81,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 def _orientation(img: Image.Image) -> int:
     try:
-        return int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PIL only warns on "Corrupt EXIF data"
+            return int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
     except Exception as exc:  # PIL raises many types on malformed EXIF
         raise BadInput("bad_exif", f"{type(exc).__name__}: {exc}") from exc
 

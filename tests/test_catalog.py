@@ -1,0 +1,155 @@
+"""storage/: schemas, atomic shards, the DuckDB views and the read-only SQL guard."""
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+
+from storage import shards
+from storage.catalog import QueryRefused, check_read_only, connect, query, refresh_catalog
+from storage.layout import DataRoot
+from storage.schema import IMAGES, QUARANTINE, to_table
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def image_row(image_id: str, dataset: str, split: str = "train", uri: str | None = None, when=NOW) -> dict:
+    return {"image_id": image_id, "dataset": dataset, "split": split, "country": "FR", "country_name": "France",
+            "continent": "Europe", "lat": None, "lon": None, "source_uri": uri or f"/src/{dataset}/{image_id}.jpg",
+            "width": 64, "height": 32, "format": "JPEG", "size_bytes": 100, "source_mtime": 1.5, "ingested_at": when}
+
+
+def commit(root: DataRoot, dataset: str, shard_id: str, images=(), quarantine=()):
+    return shards.commit_shard(root, "ingest", dataset, shard_id,
+                               {"images": to_table(images, IMAGES), "quarantine": to_table(quarantine, QUARANTINE)})
+
+
+def test_schema_round_trip_through_parquet_and_duckdb(root):
+    row = image_row("a" * 64, "demo")
+    row.update(lat=48.85, lon=2.35)
+    commit(root, "demo", "s1", images=[row])
+    refresh_catalog(root)
+    back = connect(root).sql("SELECT * FROM images_all").to_arrow_table()
+    assert back.schema.names == IMAGES.names
+    assert back.to_pylist() == [row]
+
+
+def test_to_table_rejects_rows_that_do_not_match():
+    with pytest.raises(ValueError, match="missing=\\['width'\\]"):
+        to_table([{k: v for k, v in image_row("a" * 64, "d").items() if k != "width"}], IMAGES)
+
+
+def test_views_exist_and_are_typed_before_any_data(root):
+    refresh_catalog(root)
+    con = connect(root)
+    for view in ("images", "quarantine", "images_all", "quarantine_all"):
+        assert con.sql(f"SELECT count(*) FROM {view}").fetchall() == [(0,)]
+    assert "image_id" in con.sql("SELECT * FROM images").columns
+
+
+def test_catalog_sql_works_from_a_plain_duckdb_client(root):
+    import duckdb
+
+    commit(root, "demo", "s1", images=[image_row("b" * 64, "demo")])
+    refresh_catalog(root)
+    con = duckdb.connect()  # what `duckdb -init catalog.sql` does
+    con.execute(open(root.catalog_sql).read())
+    assert con.sql("SELECT count(*) FROM images").fetchall() == [(1,)]
+
+
+def test_only_committed_shards_are_visible(root):
+    commit(root, "demo", "s1", images=[image_row("c" * 64, "demo")])
+    # A shard file renamed into place but killed before its completion record:
+    orphan = to_table([image_row("d" * 64, "demo")], IMAGES)
+    shards.write_parquet_atomic(root, orphan, root.shard_path("images", "demo", "s2"))
+    refresh_catalog(root)
+    assert connect(root).sql("SELECT image_id FROM images").fetchall() == [("c" * 64,)]
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(root):
+    path = root.shard_path("images", "demo", "s3")
+
+    def boom(f):
+        f.write(b"half a shard")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        shards._atomic_write(root, path, boom)
+    assert not root.fs.exists(path)
+    assert root.fs.glob(path + "*") == []
+
+
+def test_duplicates_and_split_resolution(root):
+    later = datetime(2026, 2, 1, tzinfo=timezone.utc)
+    commit(root, "g50", "s1", images=[image_row("e" * 64, "g50", "train", "/g50/a.jpg"),
+                                      image_row("e" * 64, "g50", "train", "/g50/b.jpg")])
+    # The same bytes arrive later in a benchmark held out as test:
+    commit(root, "bench", "s2", images=[image_row("e" * 64, "bench", "test", "/bench/x.jpg", later)])
+    refresh_catalog(root)
+    con = connect(root)
+    rows = con.sql("SELECT dataset, split, source_uri FROM images ORDER BY dataset").fetchall()
+    assert rows == [("bench", "test", "/bench/x.jpg"), ("g50", "test", "/g50/a.jpg")]
+    dup = con.sql("SELECT source_uri, reason FROM quarantine").fetchall()
+    assert dup == [("/g50/b.jpg", "duplicate")]
+
+
+ALLOWED = [
+    "SELECT 1",
+    "select country, count(*) from images group by all",
+    "WITH t AS (SELECT * FROM images) SELECT count(*) FROM t",
+    "SELECT * FROM quarantine WHERE reason = 'truncated' LIMIT 5",
+    "EXPLAIN SELECT * FROM images",
+    "DESCRIBE images",
+    "SUMMARIZE images",
+    "  select 1 ;  ",
+]
+REFUSED = [
+    "INSERT INTO t VALUES (1)",
+    "CREATE TABLE t AS SELECT 1",
+    "CREATE VIEW v AS SELECT 1",
+    "DROP VIEW images",
+    "UPDATE images SET country = 'US'",
+    "DELETE FROM images",
+    "COPY (SELECT 1) TO '/tmp/out.csv'",
+    "COPY images TO 'out.parquet'",
+    "EXPORT DATABASE '/tmp/x'",
+    "ATTACH '/tmp/x.db' AS x",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "PRAGMA threads=1",
+    "SELECT 1; SELECT 2",
+    "SELECT 1; DROP VIEW images",
+    "",
+]
+
+
+@pytest.mark.parametrize("sql", ALLOWED)
+def test_guard_allows_analytics(sql):
+    assert check_read_only(sql) == sql
+
+
+@pytest.mark.parametrize("sql", REFUSED)
+def test_guard_refuses_writes_and_settings(sql):
+    with pytest.raises(QueryRefused):
+        check_read_only(sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM read_parquet('/tmp/**/*.parquet')",
+    "SELECT * FROM glob('/*')",
+    "SELECT * FROM read_blob('{home}/catalog.sql')",
+])
+def test_reads_outside_the_catalog_are_refused_by_duckdb_itself(root, sql):
+    refresh_catalog(root)
+    with pytest.raises(QueryRefused):
+        query(root, sql.format(home=root.url))
+
+
+def test_query_returns_arrow(root):
+    commit(root, "demo", "s1", images=[image_row("f" * 64, "demo")])
+    refresh_catalog(root)
+    table = query(root, "SELECT dataset, count(*) AS n FROM images GROUP BY dataset")
+    assert isinstance(table, pa.Table) and table.to_pylist() == [{"dataset": "demo", "n": 1}]
