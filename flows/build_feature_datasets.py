@@ -29,7 +29,7 @@ def build_feature_datasets(
     root = DataRoot.from_env(home)
     specs = list(sources or [])
     if demo is not None:
-        world = generate_demo_task(demo.out or root.path("demo-world"), demo)
+        world = generate_demo_task(demo.out or root.path("demo-world"), demo.world_spec())
         specs += demo.sources(world)
     if not specs:
         raise ValueError("sources: nothing to build; give `sources` (a list of datasets) or `demo: {}`")

@@ -15,7 +15,7 @@ def load_entrypoint(entrypoint: str):
     """The Flow object a deployment entrypoint names (path relative to the project)."""
     from prefect.flows import load_flow_from_entrypoint
 
-    return load_flow_from_entrypoint(str(PROJECT_DIR / entrypoint))
+    return load_flow_from_entrypoint(str(PROJECT_DIR / entrypoint), use_placeholder_flow=False)
 
 
 def deployment_parameters(flow_name: str, deployment: str) -> dict:

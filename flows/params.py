@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.demo_world import DemoWorldSpec
 from tasks.validate import MAX_PIXELS
 
 Layout = Literal["g50", "g3", "im2gps", "osv5m"]
@@ -64,8 +65,13 @@ class DemoSpec(_Strict):
     countries: int = Field(6, ge=1, le=8)
     per_country: int = Field(40, ge=1, description="G50-layout images per country")
     heldout_per_country: int = Field(8, ge=0, description="IM2GPS-style held-out images per country")
+    width: int = Field(384, ge=64, description="px; G50 frames are 1536x662, same aspect")
+    height: int = Field(166, ge=32, description="px")
     messy: bool = Field(True, description="include a few bad inputs, to show the quarantine at work")
     out: str | None = Field(None, description="where to write it; default <data root>/demo-world")
+
+    def world_spec(self) -> DemoWorldSpec:
+        return DemoWorldSpec(**self.model_dump(exclude={"out"}))
 
     def sources(self, world: str) -> list[SourceSpec]:
         """The demo world's two datasets: a G50-layout pool and an IM2GPS-style held-out set."""

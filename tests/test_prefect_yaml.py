@@ -1,0 +1,46 @@
+"""Every prefect.yaml deployment loads its flow and its parameters validate into the typed models."""
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+from flows.deployments import deployment_parameters, load_entrypoint, load_prefect_yaml
+from flows.params import DemoSpec, IngestOptions, SourceSpec
+from flows.server import WORK_POOL
+
+DEPLOYMENTS = load_prefect_yaml()["deployments"]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: f"{d['entrypoint'].split(':')[1]}/{d['name']}")
+def test_parameters_validate_against_the_flow(deployment):
+    flow = load_entrypoint(deployment["entrypoint"])
+    params = flow.validate_parameters(deployment.get("parameters") or {})
+    typed = (SourceSpec, DemoSpec, IngestOptions)
+    for name, value in params.items():
+        values = value if isinstance(value, list) else [value]
+        assert all(v is None or isinstance(v, (*typed, str)) for v in values), name
+    assert deployment["work_pool"]["name"] == WORK_POOL
+
+
+def test_deployment_names_are_unique_per_flow():
+    keys = [(load_entrypoint(d["entrypoint"]).name, d["name"]) for d in DEPLOYMENTS]
+    assert len(keys) == len(set(keys))
+    assert ("build-feature-datasets", "demo") in keys and ("build-feature-datasets", "default") in keys
+
+
+def test_demo_deployment_is_the_demo_world():
+    params = deployment_parameters("build-feature-datasets", "demo")
+    assert DemoSpec(**params["demo"]).countries >= 6
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"sources": [{"layout": "g51", "source": "x", "dataset": "d"}]}, "layout"),
+    ({"sources": [{"layout": "g50", "source": "x", "dataset": "Bad Name"}]}, "dataset"),
+    ({"sources": [{"layout": "g50", "source": "x", "dataset": "d", "split": {"train": 0.9, "val": 0.2}}]}, "split"),
+    ({"options": {"shard_size": 0}}, "shard_size"),
+    ({"options": {"shard_sise": 10}}, "shard_sise"),  # typos are errors, not silently ignored
+    ({"demo": {"countries": 40}}, "countries"),
+])
+def test_bad_parameters_are_refused_naming_the_field(params, field):
+    flow = load_entrypoint("flows/build_feature_datasets.py:build_feature_datasets")
+    with pytest.raises(ParameterTypeError, match=field):
+        flow.validate_parameters(params)

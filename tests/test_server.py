@@ -1,0 +1,64 @@
+"""End to end against a real local Prefect server, the way a user runs it:
+`geofeat up` -> `prefect deployment run build-feature-datasets/demo --watch` -> `geofeat down`.
+
+Marked `server` so it can run alone (`make test-server`); it is part of `make test` too.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.catalog import query
+from storage.layout import DataRoot
+
+BIN = Path(sys.executable).parent
+SMALL_DEMO = {"demo": {"countries": 2, "per_country": 3, "heldout_per_country": 1, "messy": True}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict, timeout: int = 300) -> str:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout
+
+
+@pytest.mark.server
+def test_up_deployment_run_down(tmp_path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env["GEOFEAT_HOME"] = str(home)
+    port = free_port()
+    geofeat = str(BIN / "geofeat")
+    run([geofeat, "up", "--port", str(port)], env)
+    try:
+        server = json.loads((home / "prefect" / "run" / "server.json").read_text())
+        assert server["api_url"] == f"http://127.0.0.1:{port}/api"
+        exported = dict(line.removeprefix("export ").split("=", 1) for line in run([geofeat, "env"], env).splitlines())
+        run_env = {**env, **{k: json.loads(v) for k, v in exported.items()}}
+        assert run_env["PREFECT_HOME"] == str(home / "prefect")  # never ~/.prefect
+        assert run_env["DO_NOT_TRACK"] == "1" and run_env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        out = run([str(BIN / "prefect"), "deployment", "run", "build-feature-datasets/demo", "--watch",
+                   "--params", json.dumps(SMALL_DEMO)], run_env, timeout=400)
+        assert "Completed" in out
+        root = DataRoot(str(home))
+        rows = query(root, "SELECT dataset, count(*) AS n FROM images GROUP BY dataset").to_pylist()
+        counts = {r["dataset"]: r["n"] for r in rows}
+        assert counts == {"demo": 2 * 3, "demo-im2gps": 2 * 1}
+        assert query(root, "SELECT count(*) AS n FROM quarantine").to_pylist()[0]["n"] > 0  # the messy inputs
+        run([geofeat, "up", "--port", str(port)], env)  # idempotent: reuses the running server
+        assert json.loads((home / "prefect" / "run" / "server.json").read_text())["pid"] == server["pid"]
+    finally:
+        run([geofeat, "down"], env)
+    with pytest.raises(ProcessLookupError):
+        os.kill(server["pid"], 0)
+    assert not (home / "prefect" / "run" / "server.json").exists()
