@@ -87,7 +87,10 @@ def ingest(
         options = IngestOptions(shard_size=shard_size, mode=mode)
     except ValidationError as exc:
         _fail(str(exc))
-    summary = ingest_flow(spec, options, home=_root().url)
+    try:
+        summary = ingest_flow(spec, options, home=_root().url)
+    except ValueError as exc:  # configuration errors name the field
+        _fail(str(exc))
     typer.echo(json.dumps(summary, indent=1))
 
 

@@ -49,9 +49,11 @@ def prefect_env(root: DataRoot | None = None) -> dict[str, str]:
 
 
 def apply(root: DataRoot | None = None) -> dict[str, str]:
-    """Set the environment in this process; values the user set explicitly win."""
+    """Set the environment in this process. PREFECT_HOME always follows the data root (runs
+    never touch ~/.prefect); for the other variables, values the user set explicitly win."""
     env = prefect_env(root)
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return env

@@ -7,7 +7,6 @@ import tempfile
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="geofeat-tests-")
 os.environ["GEOFEAT_HOME"] = os.path.join(_SESSION_DIR, "home")
-os.environ["PREFECT_HOME"] = os.path.join(_SESSION_DIR, "prefect")
 os.environ.pop("PREFECT_API_URL", None)  # never talk to a user's server from tests
 
 from flows import env as prefect_env  # noqa: E402

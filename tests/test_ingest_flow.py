@@ -209,3 +209,37 @@ def test_missing_images_are_reported_not_a_crash(tmp_path, root):
 def test_configuration_errors_name_the_field(tmp_path, root):
     with pytest.raises(ValueError, match="source.source: .* does not exist"):
         ingest(SourceSpec(layout="g50", source=str(tmp_path / "nope"), dataset="x"), home=root.url)
+
+
+def test_transient_read_errors_are_retried(tmp_path, root, monkeypatch):
+    from storage import sources
+
+    write(tmp_path / "src" / "Chile" / "a.jpg", image_bytes("JPEG", seed=800))
+    real, calls = sources.read_bytes, []
+
+    def flaky(uri):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real(uri)
+
+    monkeypatch.setattr(sources, "read_bytes", flaky)
+    summary = ingest(SourceSpec(layout="g50", source=str(tmp_path / "src"), dataset="cl"), home=root.url)
+    assert summary["images"] == 1 and len(calls) == 2
+
+
+def test_bugs_are_not_retried(tmp_path, root, monkeypatch):
+    from storage import sources
+
+    write(tmp_path / "src" / "Chile" / "a.jpg", image_bytes("JPEG", seed=801))
+    calls = []
+
+    def broken(uri):
+        calls.append(uri)
+        raise KeyError("a bug, not a flaky disk")
+
+    monkeypatch.setattr(sources, "read_bytes", broken)
+    with pytest.raises(KeyError):
+        ingest(SourceSpec(layout="g50", source=str(tmp_path / "src"), dataset="cl2"), home=root.url)
+    assert len(calls) == 1
+    assert not root.fs.exists(root.path("_commits", "ingest", "dataset=cl2"))  # nothing half-written
