@@ -1,7 +1,5 @@
-"""Flow `build-feature-datasets`: ingest every source, refresh the catalog, report.
-
-Segmentation into feature crops plugs in after ingest (see the segmentation issue).
-"""
+"""Flow `build-feature-datasets`: ingest every source, segment the new images into feature
+crops, refresh the catalog, run the data-quality checks, report."""
 
 from __future__ import annotations
 
@@ -10,7 +8,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest
-from flows.params import DemoSpec, IngestOptions, SourceSpec
+from flows.params import CropSpec, DemoSpec, IngestOptions, RunOptions, SegmenterSpec, SourceSpec
+from flows.segment import segment
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from tasks.demo_world import generate_demo_task
@@ -22,21 +21,33 @@ def build_feature_datasets(
     sources: list[SourceSpec] | None = None,
     demo: DemoSpec | None = None,
     options: IngestOptions = IngestOptions(),
+    segmenter: SegmenterSpec | None = SegmenterSpec(),
+    crops: CropSpec = CropSpec(),
+    run: RunOptions = RunOptions(),
     home: str | None = None,
 ) -> dict:
-    """Build the catalog from `sources`, plus the embedded demo world when `demo` is set."""
+    """Build the catalog from `sources`, plus the embedded demo world when `demo` is set.
+
+    `segmenter: null` stops after ingest. With `demo` and the annotations segmenter, the
+    demo world's panoptic ground truth is used unless other annotations are given.
+    """
     log = get_run_logger()
     root = DataRoot.from_env(home)
     specs = list(sources or [])
     if demo is not None:
         world = generate_demo_task(demo.out or root.path("demo-world"), demo.world_spec())
         specs += demo.sources(world)
+        if segmenter is not None and segmenter.kind == "annotations" and not segmenter.annotations:
+            segmenter = segmenter.model_copy(update={"annotations": demo.annotations(world)})
     if not specs:
         raise ValueError("sources: nothing to build; give `sources` (a list of datasets) or `demo: {}`")
     ingested = [ingest(spec, options, home=root.url) for spec in specs]
+    segmented = None
+    if segmenter is not None:
+        segmented = segment([s.dataset for s in specs], segmenter, crops, run, home=root.url)
     refresh_catalog(root)
     tables = catalog_summary(root)
     create_table_artifact(ingested, key="build-ingest", description="what this run ingested")
     create_markdown_artifact(summary_markdown(tables), key="catalog-summary", description="catalog after this run")
     log.info("catalog at %s: %s", root.url, {t: v.num_rows for t, v in tables.items()})
-    return {"ingested": ingested, "catalog": root.catalog_sql}
+    return {"ingested": ingested, "segmented": segmented, "catalog": root.catalog_sql}

@@ -80,3 +80,82 @@ class DemoSpec(_Strict):
             SourceSpec(layout="im2gps", source=f"{world}/im2gps/im2gps_demo.csv",
                        images=f"{world}/im2gps/images", dataset="demo-im2gps"),
         ]
+
+    def annotations(self, world: str) -> dict[str, "AnnotationSource"]:
+        """The demo world's panoptic ground truth, per dataset."""
+        return {
+            "demo": AnnotationSource(panoptic_json=f"{world}/panoptic/g50.json", png_dir=f"{world}/panoptic/g50",
+                                     images_root=f"{world}/g50"),
+            "demo-im2gps": AnnotationSource(panoptic_json=f"{world}/panoptic/im2gps.json", png_dir=f"{world}/panoptic/im2gps",
+                                            images_root=f"{world}/im2gps/images"),
+        }
+
+
+DEFAULT_CHECKPOINT = "facebook/mask2former-swin-large-mapillary-vistas-panoptic"
+
+
+class AnnotationSource(_Strict):
+    """COCO-panoptic ground truth: a JSON (images, annotations, categories) and its PNG folder."""
+
+    panoptic_json: str = Field(description="URL of the COCO-panoptic JSON")
+    png_dir: str = Field(description="folder of the panoptic PNGs (annotation file_name is relative to it)")
+    images_root: str = Field(description="folder the JSON's image file_name values are relative to")
+
+
+class OverlayCut(_Strict):
+    """Bands cut off before segmenting, as fractions of the height (GeoGuessr UI: top 0.12, bottom 0.45)."""
+
+    top: float = Field(0.0, ge=0, lt=1)
+    bottom: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_image(self) -> "OverlayCut":
+        if self.top + self.bottom >= 0.95:
+            raise ValueError("overlay top + bottom must leave some image (< 0.95)")
+        return self
+
+
+class SegmenterSpec(_Strict):
+    """Which segmenter makes the crops. Everything that changes its output is hashed into its id."""
+
+    kind: Literal["mask2former", "annotations", "tiny-random"] = Field(
+        "mask2former", description="annotations: ground-truth panoptic masks; mask2former: a checkpoint; "
+        "tiny-random: an UNTRAINED random-init Mask2Former for tests and demos")
+    checkpoint: str = Field(DEFAULT_CHECKPOINT, description="hub id or local directory (kind=mask2former)")
+    revision: str | None = Field(None, description="hub revision (commit, tag) pinned into the segmenter id")
+    label_set: str | None = Field(None, description="label->group map; default: from the checkpoint name")
+    mode: Literal["panoptic", "instance"] = "panoptic"
+    input_height: int = Field(384, ge=32, description="px; every image is resized to this before the model")
+    input_width: int = Field(832, ge=32, description="px; 832x384 keeps the G50 aspect")
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    mask_threshold: float = Field(0.5, ge=0, le=1)
+    overlap_threshold: float = Field(0.8, ge=0, le=1)
+    overlay: dict[str, OverlayCut] = Field(
+        default_factory=dict, description="dataset name -> bands to cut first (G50: {top: 0.12, bottom: 0.45})")
+    annotations: dict[str, AnnotationSource] = Field(
+        default_factory=dict, description="kind=annotations: dataset name -> its panoptic ground truth")
+    seed: int = Field(0, description="kind=tiny-random: init seed")
+
+
+class CropSpec(_Strict):
+    """Which segments become crops, and how they are cut and encoded."""
+
+    min_score: float = Field(0.5, ge=0, le=1)
+    min_area: int = Field(400, ge=1, description="px in the original image")
+    max_per_label: int = Field(4, ge=1, description="largest N segments per label per image")
+    padding: float = Field(0.1, ge=0, le=2, description="context around the box, as a fraction of its size")
+    padding_px: int = Field(0, ge=0, description="extra context in px")
+    mask_background: bool = Field(False, description="grey out pixels outside the segment")
+    format: Literal["jpeg", "webp"] = "jpeg"
+    quality: int = Field(90, ge=1, le=100)
+    max_side: int = Field(512, ge=16, description="px; larger crops are downscaled (experts read 224)")
+
+
+class RunOptions(_Strict):
+    """How the segmentation stage runs; none of this changes its output."""
+
+    device: str = Field("auto", description="auto | cuda | mps | cpu")
+    batch_size: int = Field(8, ge=1, description="images per forward; halved on CUDA OOM")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding ahead of the model")
+    shard_size: int = Field(128, ge=1, description="images per segmentation task")
+    encode_threads: int = Field(2, ge=1, description="threads encoding crops off the model's path")

@@ -44,8 +44,9 @@ class DataRoot:
         """A full URL (or absolute local path) under the root."""
         return posixpath.join(self.url, *parts)
 
-    def shard_path(self, table: str, dataset: str, shard_id: str) -> str:
-        return self.path(table, f"dataset={dataset}", f"{shard_id}.parquet")
+    def shard_path(self, table: str, shard_id: str, **partitions: str) -> str:
+        """`<table>/<key>=<value>/.../<shard_id>.parquet` (hive style, keys in the given order)."""
+        return self.path(table, *(f"{k}={v}" for k, v in partitions.items()), f"{shard_id}.parquet")
 
     def commit_path(self, stage: str, dataset: str, shard_id: str) -> str:
         return self.path("_commits", stage, f"dataset={dataset}", f"{shard_id}.json")

@@ -46,7 +46,49 @@ QUARANTINE = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"images": IMAGES, "quarantine": QUARANTINE}
+# A crop is stored as the Hugging Face `datasets.Image` struct {bytes, path}: DuckDB, polars
+# and pyarrow read it as a struct, `datasets` decodes it with .cast_column("crop", Image()).
+CROP = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+FEATURES = pa.schema(
+    [
+        pa.field("feature_id", pa.string(), nullable=False),  # sha256(segmenter, image_id, label, rank)[:24]
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # the image's split; a crop never has its own
+        pa.field("country", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),  # the segmenter's class name
+        pa.field("group", pa.string(), nullable=False),  # ground | structure | vegetation | vehicle | furniture
+        pa.field("score", pa.float32(), nullable=False),  # 0..1; 1 for ground-truth annotations
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),  # x0, y0, x1, y1 px in the original image
+        pa.field("area", pa.int64(), nullable=False),  # px of the segment in the original image
+        pa.field("crop", CROP, nullable=False),
+        pa.field("crop_width", pa.int32(), nullable=False),  # px
+        pa.field("crop_height", pa.int32(), nullable=False),  # px
+        pa.field("segmenter", pa.string(), nullable=False),  # checkpoint@revision-<params hash>
+        pa.field("untrained", pa.bool_(), nullable=False),  # True: random-init demo model, crops are noise
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+# One row per (image, segmenter): what segmentation did with it, crops or not.
+SEGMENTATIONS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("segmenter", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | no_crops | no_annotation | quarantined
+        pa.field("crops", pa.int32(), nullable=False),
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "quarantine": QUARANTINE,
+    "features": FEATURES,
+    "segmentations": SEGMENTATIONS,
+}
 
 
 def to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:

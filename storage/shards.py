@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 ROW_GROUP_SIZE = 128 * 1024  # rows; metadata tables are narrow, so large groups scan fast
 
 
+@dataclass(frozen=True)
+class Output:
+    """One Parquet file of a shard: a table, its hive partition values, its rows."""
+
+    table: str
+    partitions: dict[str, str]
+    data: pa.Table
+
+
 @dataclass
 class CommitRecord:
     """What a committed shard produced; the catalog is built from these alone."""
@@ -32,7 +41,7 @@ class CommitRecord:
     stage: str
     dataset: str
     shard_id: str
-    files: dict[str, str]  # table -> path relative to the data root
+    files: dict[str, list[str]]  # table -> paths relative to the data root
     rows: dict[str, int]  # table -> row count
     params: dict = field(default_factory=dict)
     created_at: str = ""
@@ -75,17 +84,18 @@ def commit_shard(
     stage: str,
     dataset: str,
     shard_id: str,
-    tables: dict[str, pa.Table],
+    outputs: list[Output],
     params: dict | None = None,
 ) -> CommitRecord:
-    """Write each non-empty table as `<table>/dataset=<d>/<shard_id>.parquet`, then the record."""
-    files, rows = {}, {}
-    for name, table in tables.items():
-        rows[name] = table.num_rows
-        if table.num_rows:
-            path = root.shard_path(name, dataset, shard_id)
-            write_parquet_atomic(root, table, path)
-            files[name] = posixpath.relpath(path, root.url)
+    """Write each non-empty output as `<table>/<partitions>/<shard_id>.parquet`, then the record."""
+    files: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    for out in outputs:
+        rows[out.table] = rows.get(out.table, 0) + out.data.num_rows
+        if out.data.num_rows:
+            path = root.shard_path(out.table, shard_id, **out.partitions)
+            write_parquet_atomic(root, out.data, path)
+            files.setdefault(out.table, []).append(posixpath.relpath(path, root.url))
     record = CommitRecord(
         stage=stage,
         dataset=dataset,

@@ -26,7 +26,7 @@ from storage import sources
 from storage.catalog import connect, refresh_catalog
 from storage.layout import DataRoot
 from storage.schema import IMAGES, QUARANTINE, to_table
-from storage.shards import commit_shard, is_committed, read_commits
+from storage.shards import Output, commit_shard, is_committed, read_commits
 from tasks.geo import Country, countries_at, country_from_code, country_from_name, valid_latlon
 from tasks.retry import RETRY_DELAYS, retry_transient
 from tasks.splits import split_of
@@ -407,7 +407,8 @@ def ingest_shard(root: DataRoot, plan: ShardPlan, ingested_at: datetime | None =
             quarantined.append(_quarantine_row(c.uri, plan.dataset, bad.reason, bad.detail, c.size, c.mtime, now))
     commit_shard(
         root, STAGE, plan.dataset, plan.shard_id,
-        {"images": to_table(images, IMAGES), "quarantine": to_table(quarantined, QUARANTINE)},
+        [Output("images", {"dataset": plan.dataset}, to_table(images, IMAGES)),
+         Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))],
         params=plan.params,
     )
     return {"shard_id": plan.shard_id, "cached": False, "images": len(images), "quarantined": len(quarantined)}
@@ -420,7 +421,7 @@ def drop_dataset(root: DataRoot, dataset: str) -> int:
     for r in records:
         fs.rm(root.commit_path(STAGE, dataset, r.shard_id))
     for r in records:
-        for rel in r.files.values():
+        for rel in (rel for rels in r.files.values() for rel in rels):
             if fs.exists(root.path(rel)):
                 fs.rm(root.path(rel))
     return len(records)

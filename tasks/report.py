@@ -32,7 +32,7 @@ def catalog_summary(root: DataRoot) -> dict[str, pa.Table]:
         con.close()
 
 
-def _md_table(table: pa.Table) -> str:
+def md_table(table: pa.Table) -> str:
     if table.num_rows == 0:
         return "_(none)_"
     head = "| " + " | ".join(table.column_names) + " |"
@@ -42,4 +42,4 @@ def _md_table(table: pa.Table) -> str:
 
 
 def summary_markdown(tables: dict[str, pa.Table]) -> str:
-    return "\n\n".join(f"### {title}\n\n{_md_table(t)}" for title, t in tables.items())
+    return "\n\n".join(f"### {title}\n\n{md_table(t)}" for title, t in tables.items())

@@ -29,6 +29,8 @@ REASONS = {
     "ambiguous_coordinates": "lat/lon could be swapped and no interpretation wins",
     "no_country_folder": "file is not inside a country folder",
     "duplicate": "same bytes as an earlier image of the same dataset",
+    "unsegmentable": "too small or too elongated to segment (after the overlay cut)",
+    "segmenter_error": "the segmenter failed on this image alone",
 }
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

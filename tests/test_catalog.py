@@ -21,7 +21,8 @@ def image_row(image_id: str, dataset: str, split: str = "train", uri: str | None
 
 def commit(root: DataRoot, dataset: str, shard_id: str, images=(), quarantine=()):
     return shards.commit_shard(root, "ingest", dataset, shard_id,
-                               {"images": to_table(images, IMAGES), "quarantine": to_table(quarantine, QUARANTINE)})
+                               [shards.Output("images", {"dataset": dataset}, to_table(images, IMAGES)),
+                                shards.Output("quarantine", {"dataset": dataset}, to_table(quarantine, QUARANTINE))])
 
 
 def test_schema_round_trip_through_parquet_and_duckdb(root):
@@ -61,13 +62,13 @@ def test_only_committed_shards_are_visible(root):
     commit(root, "demo", "s1", images=[image_row("c" * 64, "demo")])
     # A shard file renamed into place but killed before its completion record:
     orphan = to_table([image_row("d" * 64, "demo")], IMAGES)
-    shards.write_parquet_atomic(root, orphan, root.shard_path("images", "demo", "s2"))
+    shards.write_parquet_atomic(root, orphan, root.shard_path("images", "s2", dataset="demo"))
     refresh_catalog(root)
     assert connect(root).sql("SELECT image_id FROM images").fetchall() == [("c" * 64,)]
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(root):
-    path = root.shard_path("images", "demo", "s3")
+    path = root.shard_path("images", "s3", dataset="demo")
 
     def boom(f):
         f.write(b"half a shard")

@@ -4,7 +4,9 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 
 from flows.deployments import deployment_parameters, load_entrypoint, load_prefect_yaml
-from flows.params import DemoSpec, IngestOptions, SourceSpec
+from pydantic import BaseModel
+
+from flows.params import DemoSpec
 from flows.server import WORK_POOL
 
 DEPLOYMENTS = load_prefect_yaml()["deployments"]
@@ -14,10 +16,9 @@ DEPLOYMENTS = load_prefect_yaml()["deployments"]
 def test_parameters_validate_against_the_flow(deployment):
     flow = load_entrypoint(deployment["entrypoint"])
     params = flow.validate_parameters(deployment.get("parameters") or {})
-    typed = (SourceSpec, DemoSpec, IngestOptions)
-    for name, value in params.items():
+    for name, value in params.items():  # blocks arrive as the typed models, not dicts
         values = value if isinstance(value, list) else [value]
-        assert all(v is None or isinstance(v, (*typed, str)) for v in values), name
+        assert all(v is None or isinstance(v, (BaseModel, str)) for v in values), name
     assert deployment["work_pool"]["name"] == WORK_POOL
 
 
@@ -39,6 +40,10 @@ def test_demo_deployment_is_the_demo_world():
     ({"options": {"shard_size": 0}}, "shard_size"),
     ({"options": {"shard_sise": 10}}, "shard_sise"),  # typos are errors, not silently ignored
     ({"demo": {"countries": 40}}, "countries"),
+    ({"segmenter": {"kind": "sam"}}, "kind"),
+    ({"segmenter": {"overlay": {"g50": {"top": 0.6, "bottom": 0.5}}}}, "overlay"),
+    ({"crops": {"format": "png"}}, "format"),
+    ({"run": {"batch_size": 0}}, "batch_size"),
 ])
 def test_bad_parameters_are_refused_naming_the_field(params, field):
     flow = load_entrypoint("flows/build_feature_datasets.py:build_feature_datasets")

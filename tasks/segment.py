@@ -1,0 +1,368 @@
+"""Segment: images -> segments (Mask2Former or ground truth) -> feature crops in Parquet.
+
+Plain functions; the Prefect task is at the bottom. One shard task:
+  DataLoader workers read, decode, cut the overlay and preprocess (prefetching) ->
+  the model runs batch after batch (bf16 on CUDA, batch halved on OOM) ->
+  post-processing at mask resolution picks segments -> crops are cut from the original
+  image and encoded in a thread pool while the next batch runs -> one atomic commit of
+  `features` (partitioned segmenter/dataset/group), `segmentations` and `quarantine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
+
+from flows.params import CropSpec, RunOptions, SegmenterSpec
+from models.labels import GROUPS, label_set_for_checkpoint, load_label_map
+from models.segmenter import Segment
+from storage import sources
+from storage.catalog import connect, refresh_catalog
+from storage.layout import DataRoot
+from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
+from storage.shards import Output, commit_shard, is_committed
+from tasks.retry import RETRY_DELAYS, retry_transient
+from tasks.validate import BadInput, load_rgb
+
+log = logging.getLogger(__name__)
+
+STAGE = "segment"
+SEGMENT_VERSION = "1"  # bump when crops change for the same inputs and parameters
+MIN_SIDE = 16  # px; smaller images (after the overlay cut) cannot be segmented
+MAX_ASPECT = 12.0  # width/height (or inverse) beyond this is a strip, not a scene
+
+
+# ---------------------------------------------------------------- identity
+
+
+def segmenter_key(spec: SegmenterSpec, crops: CropSpec) -> str:
+    """The `segmenter` value of every row: name@revision-<hash of everything that changes output>."""
+    payload = json.dumps([SEGMENT_VERSION, spec.model_dump(), crops.model_dump()], sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
+    if spec.kind == "annotations":
+        name = "annotations"
+    elif spec.kind == "tiny-random":
+        name = f"UNTRAINED-tiny-random-{spec.label_set or 'demo'}"
+    else:
+        name = spec.checkpoint.strip("/").replace("/", "--")
+    return f"{name}@{spec.revision or 'main'}-{digest}"
+
+
+# ---------------------------------------------------------------- backends
+
+
+class ImageRef(BaseModel):
+    image_id: str
+    dataset: str
+    split: str
+    country: str
+    source_uri: str
+
+
+class SegmentPlan(BaseModel):
+    """A small manifest: the images one task segments."""
+
+    dataset: str
+    shard_id: str
+    segmenter: str
+    images: list[ImageRef]
+
+
+@lru_cache(maxsize=2)
+def _backend(spec_json: str, device: str):
+    """Load a segmenter once per process (tasks in one run share it)."""
+    spec = SegmenterSpec.model_validate_json(spec_json)
+    if spec.kind == "annotations":
+        from models.annotations import AnnotationsSegmenter, PanopticAnnotations
+
+        return AnnotationsSegmenter({d: PanopticAnnotations(a.panoptic_json, a.png_dir, a.images_root)
+                                     for d, a in spec.annotations.items()})
+    from models.segmenter import Mask2FormerSegmenter
+
+    size = (spec.input_height, spec.input_width)
+    if spec.kind == "tiny-random":
+        labels = [label.name for label in load_label_map(spec.label_set or "demo").labels]
+        return Mask2FormerSegmenter.tiny_random(labels, seed=spec.seed, device=device, input_size=size)
+    return Mask2FormerSegmenter.from_pretrained(spec.checkpoint, spec.revision, device=device, input_size=size)
+
+
+def load_backend(spec: SegmenterSpec, device: str = "auto"):
+    return _backend(spec.model_dump_json(), device)
+
+
+def label_groups(spec: SegmenterSpec, backend) -> dict[str, str]:
+    """label -> group for this segmenter; labels it does not know are dropped, loudly."""
+    if spec.label_set:
+        return {label.name: label.group for label in load_label_map(spec.label_set).labels}
+    if spec.kind == "annotations":
+        return backend.label_groups()
+    if spec.kind == "tiny-random":
+        return {label.name: label.group for label in load_label_map("demo").labels}
+    name = label_set_for_checkpoint(spec.checkpoint)
+    if name is None:
+        raise ValueError(f"segmenter.label_set: cannot tell the label set of {spec.checkpoint!r}; "
+                         "set it to coco_panoptic, cityscapes, mapillary_vistas, ade20k or a JSON path")
+    return {label.name: label.group for label in load_label_map(name).labels}
+
+
+# ---------------------------------------------------------------- reading (DataLoader workers)
+
+
+def overlay_rows(height: int, spec: SegmenterSpec, dataset: str) -> tuple[int, int]:
+    """(top, kept height) in px after cutting the dataset's overlay bands (GeoGuessr UI)."""
+    cut = spec.overlay.get(dataset)
+    if cut is None:
+        return 0, height
+    top, bottom = int(round(height * cut.top)), int(round(height * cut.bottom))
+    return top, max(0, height - top - bottom)
+
+
+class ShardImages(Dataset):
+    """Reads, decodes and preprocesses one shard's images; errors become items, not exceptions."""
+
+    def __init__(self, refs: list[ImageRef], spec: SegmenterSpec, backend):
+        self.refs, self.spec = refs, spec
+        self.preprocessor = getattr(backend, "preprocessor", None)  # picklable; None for annotations
+        self.annotations = backend if spec.kind == "annotations" else None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict:
+        ref = self.refs[i]
+        try:
+            img = load_rgb(sources.read_bytes(ref.source_uri))
+            top, kept = overlay_rows(img.height, self.spec, ref.dataset)
+            if min(img.width, kept) < MIN_SIDE or max(img.width / max(kept, 1), kept / img.width) > MAX_ASPECT:
+                raise BadInput("unsegmentable", f"{img.width}x{img.height} px, {kept} px tall after the overlay cut")
+            img = img.crop((0, top, img.width, top + kept))
+            item = {"index": i, "image": torch.from_numpy(np.asarray(img).copy()), "top": top}
+            if self.preprocessor is not None:
+                item["pixels"] = self.preprocessor(img)
+            if self.annotations is not None:
+                item.update(self.annotations.prepare(ref.dataset, ref.source_uri, top, kept))
+            return item
+        except BadInput as bad:
+            return {"index": i, "error": (bad.reason, bad.detail)}
+        except FileNotFoundError as exc:
+            return {"index": i, "error": ("missing_file", f"vanished after ingest: {exc}")}
+
+
+def _collate(items: list[dict]) -> dict:
+    """Original images differ in size and stay a list; model inputs are stacked here, in the
+    worker, so the DataLoader can pin them for a non-blocking copy to the GPU."""
+    good = [item for item in items if "error" not in item]
+    pixels = torch.stack([item.pop("pixels") for item in good]) if good and "pixels" in good[0] else None
+    return {"items": items, "good": good, "pixels": pixels}
+
+
+# ---------------------------------------------------------------- model with OOM back-off
+
+
+@dataclass
+class _Batching:
+    size: int
+
+
+def _predict(backend, spec: SegmenterSpec, items: list[dict], pixels, batching: _Batching) -> list:
+    """Segments per item. On CUDA OOM the batch is halved (and stays halved); a batch that
+    fails otherwise is retried image by image so one bad image cannot fail the shard."""
+    def part(a: int, b: int) -> list:
+        return _predict(backend, spec, items[a:b], None if pixels is None else pixels[a:b], batching)
+
+    if len(items) > batching.size:
+        return [seg for k in range(0, len(items), batching.size) for seg in part(k, k + batching.size)]
+    sizes = [tuple(item["image"].shape[:2]) for item in items]
+    try:
+        if spec.kind == "annotations":
+            return backend.predict(items, sizes)
+        return backend.predict(pixels, sizes, mode=spec.mode, score_threshold=spec.score_threshold,
+                               mask_threshold=spec.mask_threshold, overlap_threshold=spec.overlap_threshold)
+    except torch.cuda.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+        torch.cuda.empty_cache()
+        batching.size = max(1, len(items) // 2)
+        log.warning("CUDA out of memory at batch %d: continuing at batch %d", len(items), batching.size)
+        return part(0, len(items))
+    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model
+        if len(items) == 1:
+            return [exc]
+        return [seg for k in range(len(items)) for seg in part(k, k + 1)]
+
+
+# ---------------------------------------------------------------- crops (pure)
+
+
+def select_segments(segments: list[Segment], groups: dict[str, str], crops: CropSpec) -> list[tuple[Segment, str, int]]:
+    """(segment, group, rank within its label) for the segments worth a crop."""
+    by_label: dict[str, list[Segment]] = {}
+    for seg in segments:
+        if groups.get(seg.label) in GROUPS and seg.score >= crops.min_score and seg.area >= crops.min_area:
+            by_label.setdefault(seg.label, []).append(seg)
+    out = []
+    for label in sorted(by_label):
+        ranked = sorted(by_label[label], key=lambda s: (-s.area, s.bbox))[: crops.max_per_label]
+        out.extend((seg, groups[label], rank) for rank, seg in enumerate(ranked))
+    return out
+
+
+def crop_box(bbox: tuple[int, int, int, int], width: int, height: int, crops: CropSpec) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = bbox
+    px = int(round((x1 - x0) * crops.padding)) + crops.padding_px
+    py = int(round((y1 - y0) * crops.padding)) + crops.padding_px
+    return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)
+
+
+def cut_crop(image: np.ndarray, seg: Segment, crops: CropSpec) -> Image.Image:
+    """The crop from the full-resolution image; the mask (low-res) only greys the background."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = crop_box(seg.bbox, w, h, crops)
+    region = image[y0:y1, x0:x1]
+    if crops.mask_background:
+        mh, mw = seg.mask.shape
+        rows = np.minimum((np.arange(y0, y1) * mh) // h, mh - 1)
+        cols = np.minimum((np.arange(x0, x1) * mw) // w, mw - 1)
+        keep = seg.mask[np.ix_(rows, cols)]
+        region = np.where(keep[..., None], region, np.uint8(128))
+    img = Image.fromarray(np.ascontiguousarray(region))
+    if max(img.size) > crops.max_side:
+        img.thumbnail((crops.max_side, crops.max_side), Image.BILINEAR)
+    return img
+
+
+def encode(img: Image.Image, crops: CropSpec) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG" if crops.format == "jpeg" else "WEBP", quality=crops.quality)
+    return buf.getvalue()
+
+
+def feature_id(segmenter: str, image_id: str, label: str, rank: int) -> str:
+    return hashlib.sha256(f"{segmenter}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- plan and run
+
+
+def plan_segmentation(root: DataRoot, dataset: str, segmenter: str, shard_size: int) -> list[SegmentPlan]:
+    """Images of `dataset` this segmenter version has not segmented yet, in shards."""
+    refresh_catalog(root)
+    con = connect(root)
+    try:
+        rows = con.execute(
+            "SELECT image_id, dataset, split, country, source_uri FROM images WHERE dataset = ? "
+            "AND image_id NOT IN (SELECT image_id FROM segmentations_all WHERE segmenter = ? AND dataset = ?) "
+            "ORDER BY image_id", [dataset, segmenter, dataset]).fetchall()
+    finally:
+        con.close()
+    refs = [ImageRef(image_id=r[0], dataset=r[1], split=r[2], country=r[3], source_uri=r[4]) for r in rows]
+    plans = []
+    for k in range(0, len(refs), shard_size):
+        chunk = refs[k:k + shard_size]
+        digest = hashlib.sha256(json.dumps([segmenter, dataset, [r.image_id for r in chunk]]).encode())
+        plans.append(SegmentPlan(dataset=dataset, shard_id=digest.hexdigest()[:20], segmenter=segmenter, images=chunk))
+    return plans
+
+
+def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> dict:
+    """Segment one shard and commit its crops; returns counts (and `model_calls`)."""
+    if is_committed(root, STAGE, plan.dataset, plan.shard_id):
+        return {"shard_id": plan.shard_id, "cached": True, "images": 0, "crops": 0, "model_calls": 0}
+    backend = load_backend(spec, run.device)
+    groups = label_groups(spec, backend)
+    untrained = bool(getattr(backend, "untrained", False))
+    now = datetime.now(timezone.utc)
+    loader = DataLoader(ShardImages(plan.images, spec, backend), batch_size=run.batch_size, collate_fn=_collate,
+                        num_workers=run.num_workers, prefetch_factor=2 if run.num_workers else None,
+                        pin_memory=torch.cuda.is_available())
+    batching = _Batching(run.batch_size)
+    features: list[tuple[dict, Future]] = []
+    logs, quarantined, model_calls = [], [], 0
+
+    def record(ref: ImageRef, status: str, n: int) -> None:
+        logs.append({"image_id": ref.image_id, "dataset": ref.dataset, "segmenter": plan.segmenter,
+                     "status": status, "crops": n, "created_at": now})
+
+    def reject(ref: ImageRef, reason: str, detail: str) -> None:
+        quarantined.append({"source_uri": ref.source_uri, "dataset": ref.dataset, "reason": reason,
+                            "detail": f"segmenter {plan.segmenter}: {detail}", "size_bytes": None,
+                            "source_mtime": None, "seen_at": now})
+        record(ref, "quarantined", 0)
+
+    with ThreadPoolExecutor(run.encode_threads) as pool:
+        for batch in loader:
+            good = batch["good"]
+            for item in batch["items"]:
+                if "error" in item:
+                    reject(plan.images[item["index"]], *item["error"])
+            results = _predict(backend, spec, good, batch["pixels"], batching) if good else []
+            model_calls += bool(good)
+            for item, segments in zip(good, results):
+                ref = plan.images[item["index"]]
+                if isinstance(segments, Exception):
+                    reject(ref, "segmenter_error", f"{type(segments).__name__}: {segments}")
+                    continue
+                if segments is None:
+                    record(ref, "no_annotation", 0)
+                    continue
+                chosen = select_segments(segments, groups, crops)
+                record(ref, "ok" if chosen else "no_crops", len(chosen))
+                image = item["image"].numpy()
+                for seg, group, rank in chosen:
+                    x0, y0, x1, y1 = seg.bbox
+                    crop = cut_crop(image, seg, crops)
+                    fid = feature_id(plan.segmenter, ref.image_id, seg.label, rank)
+                    row = {"feature_id": fid, "image_id": ref.image_id, "dataset": ref.dataset, "split": ref.split,
+                           "country": ref.country, "label": seg.label, "group": group, "score": float(seg.score),
+                           "bbox": [x0, y0 + item["top"], x1, y1 + item["top"]], "area": int(seg.area),
+                           "crop_width": crop.width, "crop_height": crop.height, "segmenter": plan.segmenter,
+                           "untrained": untrained, "created_at": now}
+                    features.append((row, pool.submit(encode, crop, crops)))
+        ext = "jpg" if crops.format == "jpeg" else "webp"
+        rows = [dict(row, crop={"bytes": fut.result(), "path": f"{row['feature_id']}.{ext}"}) for row, fut in features]
+
+    outputs = [Output("features", {"segmenter": plan.segmenter, "dataset": plan.dataset, "group": g},
+                      to_table([r for r in rows if r["group"] == g], FEATURES)) for g in GROUPS]
+    outputs += [Output("segmentations", {"segmenter": plan.segmenter, "dataset": plan.dataset}, to_table(logs, SEGMENTATIONS)),
+                Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))]
+    commit_shard(root, STAGE, plan.dataset, plan.shard_id, outputs,
+                 params={"segmenter": plan.segmenter, "spec": spec.model_dump(), "crops": crops.model_dump()})
+    if untrained:
+        log.warning("shard %s: crops come from an UNTRAINED random-init segmenter", plan.shard_id)
+    return {"shard_id": plan.shard_id, "cached": False, "images": len(plan.images), "crops": len(rows),
+            "quarantined": len(quarantined), "model_calls": model_calls}
+
+
+# ---------------------------------------------------------------- Prefect edge
+
+GPU_LIMIT = "gpu"  # global concurrency limit: one segmentation or training task per GPU
+
+
+@task(name="plan-segmentation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient)
+def plan_segmentation_task(home: str, dataset: str, segmenter: str, shard_size: int) -> list[SegmentPlan]:
+    return plan_segmentation(DataRoot(home), dataset, segmenter, shard_size)
+
+
+@task(name="segment-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, task_run_name="segment-{plan.dataset}-{plan.shard_id}")
+def segment_shard_task(home: str, plan: SegmentPlan, spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> dict:
+    """The commit record is the cache (see tasks/ingest.py); the GPU limit serialises shards."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1):
+        return segment_shard(DataRoot(home), plan, spec, crops, run)

@@ -1,0 +1,167 @@
+"""Segmentation: pure crop logic, the flow on the demo world (ground truth and tiny model),
+re-segmentation, bad images, and kill -9 in the middle of the stage."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.build_feature_datasets import build_feature_datasets
+from flows.params import CropSpec, DemoSpec, RunOptions, SegmenterSpec, SourceSpec
+from flows.segment import segment
+from helpers import image_bytes, write
+from models.segmenter import Segment
+from storage.catalog import connect
+from storage.layout import DataRoot
+from tasks.segment import crop_box, cut_crop, feature_id, overlay_rows, segmenter_key, select_segments
+
+SMALL = DemoSpec(countries=3, per_country=4, heldout_per_country=1, messy=True)
+RUN = RunOptions(batch_size=4, num_workers=0, shard_size=5)
+TINY = SegmenterSpec(kind="tiny-random", label_set="demo", input_height=64, input_width=128, score_threshold=0.0)
+TINY_CROPS = CropSpec(min_score=0.0, min_area=1)
+
+
+def seg(label, area, bbox=(0, 0, 10, 10), score=0.9):
+    return Segment(label=label, label_id=0, score=score, bbox=bbox, area=area, mask=np.ones((4, 4), bool))
+
+
+def test_select_segments_filters_and_ranks():
+    groups = {"road": "ground", "car": "vehicle", "sky": "drop"}
+    segments = [seg("car", 500), seg("car", 900), seg("car", 700), seg("road", 5000), seg("sky", 9000),
+                seg("car", 50), seg("road", 3000, score=0.2), seg("unknown", 800)]
+    chosen = select_segments(segments, groups, CropSpec(min_score=0.5, min_area=100, max_per_label=2))
+    assert [(s.label, s.area, g, r) for s, g, r in chosen] == [
+        ("car", 900, "vehicle", 0), ("car", 700, "vehicle", 1), ("road", 5000, "ground", 0)]
+
+
+def test_crop_geometry_and_background_mask():
+    assert crop_box((10, 20, 30, 40), 100, 50, CropSpec(padding=0.5, padding_px=1)) == (0, 9, 41, 50)
+    image = np.full((40, 80, 3), 255, np.uint8)
+    mask = np.zeros((10, 20), bool)
+    mask[:, :10] = True  # left half of the image, at 1/4 resolution
+    s = Segment(label="x", label_id=0, score=1.0, bbox=(0, 0, 80, 40), area=1600, mask=mask)
+    crop = np.asarray(cut_crop(image, s, CropSpec(padding=0, mask_background=True)))
+    assert crop.shape == (40, 80, 3) and crop[:, :40].min() == 255 and crop[:, 40:].max() == 128
+    big = cut_crop(np.zeros((1000, 2000, 3), np.uint8), seg("x", 1, (0, 0, 2000, 1000)), CropSpec(padding=0, max_side=256))
+    assert big.size == (256, 128)
+
+
+def test_ids_are_deterministic_and_versioned():
+    assert feature_id("s", "img", "car", 0) == feature_id("s", "img", "car", 0) != feature_id("s", "img", "car", 1)
+    a = segmenter_key(SegmenterSpec(), CropSpec())
+    assert a == segmenter_key(SegmenterSpec(), CropSpec())
+    assert a.startswith("facebook--mask2former-swin-large-mapillary-vistas-panoptic@main-")
+    assert segmenter_key(SegmenterSpec(score_threshold=0.6), CropSpec()) != a
+    assert segmenter_key(SegmenterSpec(), CropSpec(padding=0.2)) != a
+    assert segmenter_key(TINY, CropSpec()).startswith("UNTRAINED-tiny-random-demo@")
+    spec = SegmenterSpec(overlay={"g50": {"top": 0.12, "bottom": 0.45}})
+    assert overlay_rows(662, spec, "g50") == (79, 285) and overlay_rows(662, spec, "im2gps") == (0, 662)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_demo_build_with_ground_truth_masks(root):
+    result = build_feature_datasets(demo=SMALL, segmenter=SegmenterSpec(kind="annotations"), run=RUN, home=root.url)
+    seg_result = result["segmented"]
+    assert seg_result["images"] == 3 * 4 + 3 * 1  # every ingested image, no messy ones
+    con = connect(root)
+    groups = dict(con.sql('SELECT "group", count(*) FROM features GROUP BY 1').fetchall())
+    assert set(groups) == {"ground", "structure", "vegetation", "vehicle", "furniture"}
+    bad = con.sql("""SELECT count(*) FROM features f JOIN images i USING (image_id)
+                     WHERE f.bbox[1] < 0 OR f.bbox[2] < 0 OR f.bbox[3] > i.width OR f.bbox[4] > i.height
+                        OR f.bbox[1] >= f.bbox[3] OR f.bbox[2] >= f.bbox[4] OR f.split <> i.split
+                        OR f.country <> i.country""").fetchall()
+    assert bad == [(0,)]
+    dupes = con.sql("SELECT count(*) - count(DISTINCT feature_id) FROM features").fetchall()
+    assert dupes == [(0,)]
+    crop = con.sql("SELECT crop, crop_width, crop_height FROM features LIMIT 1").fetchall()[0]
+    assert Image.open(io.BytesIO(crop[0]["bytes"])).size == (crop[1], crop[2])
+    assert con.sql("SELECT DISTINCT untrained, segmenter LIKE 'annotations@%' FROM features").fetchall() == [(False, True)]
+    # A rerun segments nothing: zero model calls, no new shards.
+    again = segment(["demo", "demo-im2gps"], seg_result_spec(root), CropSpec(), RUN, home=root.url)
+    assert (again["shards"], again["model_calls"]) == (0, 0)
+
+
+def seg_result_spec(root: DataRoot) -> SegmenterSpec:
+    world = root.path("demo-world")
+    return SegmenterSpec(kind="annotations", annotations=SMALL.annotations(world))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tiny_model_path_and_resegmentation_keeps_old_versions(root):
+    build_feature_datasets(demo=SMALL, segmenter=SegmenterSpec(kind="annotations"), run=RUN, home=root.url)
+    first = segment(["demo"], TINY, TINY_CROPS, RUN, home=root.url)
+    assert first["images"] == 12 and first["model_calls"] > 0
+    changed = TINY.model_copy(update={"score_threshold": 0.01})
+    second = segment(["demo"], changed, TINY_CROPS, RUN, home=root.url)
+    assert second["segmenter"] != first["segmenter"] and second["images"] == 12  # everything again
+    con = connect(root)
+    versions = dict(con.sql("SELECT segmenter, count(DISTINCT image_id) FROM segmentations_all "
+                            "WHERE dataset = 'demo' GROUP BY 1").fetchall())
+    assert versions[first["segmenter"]] == 12 and versions[second["segmenter"]] == 12
+    untrained = con.sql("SELECT DISTINCT untrained FROM features WHERE segmenter LIKE 'UNTRAINED%'").fetchall()
+    assert untrained in ([(True,)], [])
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_images_that_break_the_segmenter_are_quarantined(tmp_path, root):
+    from flows.ingest import ingest
+
+    write(tmp_path / "src" / "Chile" / "dot.png", image_bytes("PNG", size=(1, 1)))
+    write(tmp_path / "src" / "Chile" / "strip.png", image_bytes("PNG", size=(2000, 20)))
+    write(tmp_path / "src" / "Chile" / "ok.jpg", image_bytes("JPEG", size=(256, 128)))
+    ingest(SourceSpec(layout="g50", source=str(tmp_path / "src"), dataset="odd"), home=root.url)
+    result = segment(["odd"], TINY, TINY_CROPS, RUN, home=root.url)
+    assert result["images"] == 3
+    con = connect(root)
+    reasons = dict(con.sql("SELECT regexp_extract(source_uri, '[^/]+$'), reason FROM quarantine "
+                           "WHERE dataset = 'odd'").fetchall())
+    assert reasons == {"dot.png": "unsegmentable", "strip.png": "unsegmentable"}
+    status = dict(con.sql("SELECT status, count(*) FROM segmentations_all WHERE dataset = 'odd' GROUP BY 1").fetchall())
+    assert status.get("quarantined") == 2 and sum(status.values()) == 3
+
+
+KILL_SCRIPT = """
+import sys
+from flows import env; env.apply()
+from flows.build_feature_datasets import build_feature_datasets
+from flows.params import DemoSpec, RunOptions, SegmenterSpec
+build_feature_datasets(demo=DemoSpec(countries=2, per_country=20, heldout_per_country=2, out=sys.argv[2]),
+                       segmenter=SegmenterSpec(kind="annotations"),
+                       run=RunOptions(batch_size=2, num_workers=0, shard_size=2), home=sys.argv[1])
+"""
+
+
+def features_snapshot(root: DataRoot) -> list[tuple]:
+    con = connect(root)
+    return con.sql("SELECT feature_id, image_id, label, bbox, md5(crop.bytes) FROM features ORDER BY feature_id").fetchall()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_kill_9_mid_segmentation_then_rerun_equals_a_clean_run(tmp_path):
+    killed, clean = DataRoot(str(tmp_path / "killed")), DataRoot(str(tmp_path / "clean"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    world = str(tmp_path / "world")  # shared, so both runs have the same segmenter id
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, killed.url, world], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commits = Path(killed.url) / "_commits" / "segment"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(commits.rglob("*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow and its ephemeral server, mid-stage
+    proc.wait()
+    done_before = len(list(commits.rglob("*.json")))
+    assert 3 <= done_before < 22, "the kill must land in the middle of segmentation"
+    spec = DemoSpec(countries=2, per_country=20, heldout_per_country=2, out=world)
+    run = RunOptions(batch_size=2, num_workers=0, shard_size=2)
+    for root in (killed, clean):
+        build_feature_datasets(demo=spec, segmenter=SegmenterSpec(kind="annotations"), run=run, home=root.url)
+    after, reference = features_snapshot(killed), features_snapshot(clean)
+    assert after == reference and len(after) > 0
+    assert not [p for p in Path(killed.url).rglob("*.tmp-*")]
