@@ -18,6 +18,15 @@ SUMMARY_QUERIES = {
                count(*) FILTER (WHERE split = 'val') AS val,
                count(*) FILTER (WHERE split = 'test') AS test
         FROM images GROUP BY dataset, country ORDER BY dataset, images DESC, country""",
+    "Crops per country and group": """
+        SELECT segmenter, country,
+               count(*) FILTER (WHERE "group" = 'ground') AS ground,
+               count(*) FILTER (WHERE "group" = 'structure') AS structure,
+               count(*) FILTER (WHERE "group" = 'vegetation') AS vegetation,
+               count(*) FILTER (WHERE "group" = 'vehicle') AS vehicle,
+               count(*) FILTER (WHERE "group" = 'furniture') AS furniture,
+               count(DISTINCT image_id) AS images, bool_or(untrained) AS untrained
+        FROM features GROUP BY ALL ORDER BY segmenter, country""",
     "Quarantine by reason": """
         SELECT dataset, reason, count(*) AS inputs, min(detail) AS example
         FROM quarantine GROUP BY ALL ORDER BY dataset, inputs DESC, reason""",
