@@ -7,9 +7,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.ingest import ingest
+from flows.ingest import ingest_source
 from flows.params import CropSpec, DemoSpec, IngestOptions, RunOptions, SegmenterSpec, SourceSpec
-from flows.segment import segment
+from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from tasks.demo_world import generate_demo_task
@@ -41,10 +41,10 @@ def build_feature_datasets(
             segmenter = segmenter.model_copy(update={"annotations": demo.annotations(world)})
     if not specs:
         raise ValueError("sources: nothing to build; give `sources` (a list of datasets) or `demo: {}`")
-    ingested = [ingest(spec, options, home=root.url) for spec in specs]
+    ingested = [ingest_source(root, spec, options, field=f"sources[{i}]") for i, spec in enumerate(specs)]
     segmented = None
     if segmenter is not None:
-        segmented = segment([s.dataset for s in specs], segmenter, crops, run, home=root.url)
+        segmented = segment_datasets(root, sorted({s.dataset for s in specs}), segmenter, crops, run)
     refresh_catalog(root)
     tables = catalog_summary(root)
     create_table_artifact(ingested, key="build-ingest", description="what this run ingested")

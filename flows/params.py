@@ -5,6 +5,7 @@ Every field is validated when the model is built; errors name the field and the 
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -156,6 +157,14 @@ class RunOptions(_Strict):
 
     device: str = Field("auto", description="auto | cuda | mps | cpu")
     batch_size: int = Field(8, ge=1, description="images per forward; halved on CUDA OOM")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding ahead of the model")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader processes decoding ahead of the model; default: 0 on CPU "
+        "(they would only steal the model's cores), min(8, cores - 1) with a GPU")
+
+    def workers_for(self, device_type: str) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        return 0 if device_type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
     shard_size: int = Field(128, ge=1, description="images per segmentation task")
+    concurrent_shards: int = Field(1, ge=1, description="segmentation tasks at once: the GPUs on a machine")
     encode_threads: int = Field(2, ge=1, description="threads encoding crops off the model's path")

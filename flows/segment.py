@@ -8,7 +8,8 @@ deployment in prefect.yaml runs this flow on a cron schedule.
 
 from __future__ import annotations
 
-from prefect import flow, unmapped
+from prefect import flow
+from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
@@ -54,9 +55,14 @@ def segment(
     home: str | None = None,
 ) -> dict:
     """Segment `datasets` (default: every dataset in the catalog) and check the result."""
-    log = get_run_logger()
     root = DataRoot.from_env(home)
-    names = datasets or catalog_datasets(root)
+    return segment_datasets(root, datasets or catalog_datasets(root), segmenter, crops, run)
+
+
+def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec, crops: CropSpec,
+                     run: RunOptions) -> dict:
+    """The segmentation stage's tasks, composed inside the calling flow run."""
+    log = get_run_logger()
     key = segmenter_key(segmenter, crops)
     if segmenter.kind == "tiny-random":
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", key)
@@ -64,11 +70,24 @@ def segment(
     plans = [p for name in names for p in plan_segmentation_task(root.url, name, key, run.shard_size)]
     log.info("segmenter %s: %d shard(s) of new images in %s", key, len(plans), names)
     progress = create_progress_artifact(0.0, key="segmentation-progress", description=f"shards segmented by {key}")
-    futures = segment_shard_task.map(unmapped(root.url), plans, unmapped(segmenter), unmapped(crops), unmapped(run))
     results = []
-    for done in as_completed(futures):
-        results.append(done.result())
+
+    def finished(future) -> None:
+        results.append(future.result())
         update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
+
+    # The stage holds the global `gpu` slot (other GPU flows wait) and keeps a window of
+    # `run.concurrent_shards` shard tasks in flight: one per GPU of this machine.
+    active = []
+    with concurrency(GPU_LIMIT, occupy=1):
+        for plan in plans:
+            if len(active) >= run.concurrent_shards:
+                done = next(as_completed(active))
+                active.remove(done)
+                finished(done)
+            active.append(segment_shard_task.submit(root.url, plan, segmenter, crops, run))
+        for done in as_completed(active):
+            finished(done)
     update_progress_artifact(progress, 100.0)
     refresh_catalog(root)
     checks = quality_checks(root, key, names)

@@ -92,8 +92,10 @@ class Segment:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """RGB PIL image -> float32 [3, height, width]: bilinear resize to the fixed network input, then
-    (x / 255 - mean) / std. Picklable (plain fields), so DataLoader workers can run it."""
+    """RGB PIL image -> uint8 [3, height, width], bilinear-resized to the fixed network input.
+
+    Picklable (plain fields), so DataLoader workers run it. It stays uint8 on purpose: 4x less
+    to move between processes and to the GPU; `normalize` runs on the model's device."""
 
     height: int
     width: int
@@ -115,10 +117,13 @@ class Preprocessor:
             img = img.convert("RGB")
         if img.size != (self.width, self.height):
             img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32)
-        mean = torch.tensor(self.mean, dtype=torch.float32).mul_(255.0).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).mul_(255.0).view(3, 1, 1)
-        return x.sub_(mean).div_(std).contiguous()
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] (any device) -> float32 (x / 255 - mean) / std on the same device."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).mul_(255.0).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).mul_(255.0).view(1, 3, 1, 1)
+        return x.to(torch.float32).sub_(mean).div_(std)
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Stacked pixel values and the original (height, width) of each image."""
@@ -533,7 +538,8 @@ class Mask2FormerSegmenter:
     def predict(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], *, mode: str = "panoptic",
                 score_threshold: float = 0.5, mask_threshold: float = 0.5,
                 overlap_threshold: float = 0.8) -> list[list[Segment]]:
-        """pixel_values [B, 3, H, W] from `preprocessor`; sizes = the original (height, width) of each image."""
+        """pixel_values [B, 3, H, W] from `preprocessor` (uint8, normalised here on the device, or already
+        normalised float); sizes = the original (height, width) of each image."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
@@ -541,7 +547,8 @@ class Mask2FormerSegmenter:
         if len(sizes) != pixel_values.shape[0]:
             raise ValueError(f"{len(sizes)} sizes for a batch of {pixel_values.shape[0]}")
         with torch.inference_mode():
-            x = pixel_values.to(self.device, dtype=torch.float32, non_blocking=True)
+            x = pixel_values.to(self.device, non_blocking=True)
+            x = self.preprocessor.normalize(x) if x.dtype == torch.uint8 else x.to(torch.float32)
             with self._autocast():
                 out = self.model(pixel_values=x)
             return segments_from_logits(out.class_queries_logits, out.masks_queries_logits, sizes, self.id2label,

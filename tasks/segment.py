@@ -162,6 +162,10 @@ class ShardImages(Dataset):
             return {"index": i, "error": ("missing_file", f"vanished after ingest: {exc}")}
 
 
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decode workers must not compete with the model for cores
+
+
 def _collate(items: list[dict]) -> dict:
     """Original images differ in size and stay a list; model inputs are stacked here, in the
     worker, so the DataLoader can pin them for a non-blocking copy to the GPU."""
@@ -286,9 +290,11 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
     groups = label_groups(spec, backend)
     untrained = bool(getattr(backend, "untrained", False))
     now = datetime.now(timezone.utc)
+    device = getattr(backend, "device", None)
+    workers = run.workers_for(device.type if device is not None else "cpu")
     loader = DataLoader(ShardImages(plan.images, spec, backend), batch_size=run.batch_size, collate_fn=_collate,
-                        num_workers=run.num_workers, prefetch_factor=2 if run.num_workers else None,
-                        pin_memory=torch.cuda.is_available())
+                        num_workers=workers, prefetch_factor=2 if workers else None,
+                        worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())
     batching = _Batching(run.batch_size)
     features: list[tuple[dict, Future]] = []
     logs, quarantined, model_calls = [], [], 0
@@ -349,7 +355,10 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
 
 # ---------------------------------------------------------------- Prefect edge
 
-GPU_LIMIT = "gpu"  # global concurrency limit: one segmentation or training task per GPU
+# Global concurrency limit held by a GPU stage (segmentation, training) while it runs, so two
+# flows never share a GPU. Held per stage, not per shard task: in Prefect 3.9 a slot acquired
+# inside a task costs ~2 s (lease-renewal thread join), measured in benchmarks/segment_throughput.py.
+GPU_LIMIT = "gpu"
 
 
 @task(name="plan-segmentation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
@@ -361,8 +370,5 @@ def plan_segmentation_task(home: str, dataset: str, segmenter: str, shard_size: 
 @task(name="segment-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, task_run_name="segment-{plan.dataset}-{plan.shard_id}")
 def segment_shard_task(home: str, plan: SegmentPlan, spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> dict:
-    """The commit record is the cache (see tasks/ingest.py); the GPU limit serialises shards."""
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(GPU_LIMIT, occupy=1):
-        return segment_shard(DataRoot(home), plan, spec, crops, run)
+    """The commit record is the cache (see tasks/ingest.py)."""
+    return segment_shard(DataRoot(home), plan, spec, crops, run)

@@ -193,9 +193,11 @@ def test_preprocessor_pickles_and_normalises():
     assert clone == pre
     img = Image.new("RGB", (300, 170), (51, 102, 204))
     x = clone(img)
-    assert x.shape == (3, 64, 96) and x.dtype == torch.float32 and x.is_contiguous()
+    assert x.shape == (3, 64, 96) and x.dtype == torch.uint8 and x.is_contiguous()  # normalised on the device
+    normed = clone.normalize(x[None])
     expected = [(51 / 255 - 0.5) / 0.2, (102 / 255 - 0.4) / 0.25, (204 / 255 - 0.3) / 0.5]
-    np.testing.assert_allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+    assert normed.dtype == torch.float32
+    np.testing.assert_allclose(normed[0].mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
     assert pre(img.convert("L")).shape == (3, 64, 96) and pre(img.convert("RGBA")).shape == (3, 64, 96)
     pixels, sizes = pre.batch([img, Image.new("RGB", (20, 40))])
     assert pixels.shape == (2, 3, 64, 96) and sizes == [(170, 300), (40, 20)]
