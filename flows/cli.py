@@ -109,6 +109,28 @@ def build(deployment: str = typer.Argument("demo", help="a deployment name from 
 
 
 @app.command()
+def segment(
+    deployment: str = typer.Argument("resegment", help="a `segment` deployment name from prefect.yaml"),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", help="datasets (default: all)"),
+):
+    """Run the `segment` flow in this process, with a prefect.yaml deployment's parameters."""
+    from flows.deployments import deployment_parameters
+    from flows.segment import segment as segment_flow
+
+    try:
+        params = deployment_parameters("segment", deployment)
+    except KeyError as exc:
+        _fail(str(exc))
+    if dataset:
+        params["datasets"] = dataset
+    try:
+        result = segment_flow(**params)
+    except Exception as exc:  # a missing checkpoint, a bad label set: say what to do, no traceback
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(json.dumps(result, indent=1))
+
+
+@app.command()
 def sql(
     query: str = typer.Argument(..., help="one SELECT over images, quarantine, ..."),
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),

@@ -54,7 +54,7 @@ FROM features_all f
 LEFT JOIN (SELECT DISTINCT image_id, split FROM images) s USING (image_id);
 
 CREATE OR REPLACE VIEW segmenters AS
-SELECT segmenter, dataset, count(*) AS images, sum(crops) AS crops,
+SELECT segmenter, dataset, count(*) AS images, sum(crops)::BIGINT AS crops,
   count(*) FILTER (WHERE status <> 'ok') AS images_without_crops, max(created_at) AS last_run
 FROM segmentations_all GROUP BY ALL;
 """
