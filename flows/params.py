@@ -166,5 +166,5 @@ class RunOptions(_Strict):
             return self.num_workers
         return 0 if device_type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
     shard_size: int = Field(128, ge=1, description="images per segmentation task")
-    concurrent_shards: int = Field(1, ge=1, description="segmentation tasks at once: the GPUs on a machine")
+    concurrent_shards: int = Field(1, ge=1, description="shard tasks in flight (they share one model)")
     encode_threads: int = Field(2, ge=1, description="threads encoding crops off the model's path")

@@ -9,8 +9,8 @@ deployment in prefect.yaml runs this flow on a cron schedule.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
@@ -76,8 +76,8 @@ def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec,
         results.append(future.result())
         update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
 
-    # The stage holds the global `gpu` slot (other GPU flows wait) and keeps a window of
-    # `run.concurrent_shards` shard tasks in flight: one per GPU of this machine.
+    # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
+    # `run.concurrent_shards` shard tasks in flight; they share this process's model.
     active = []
     with concurrency(GPU_LIMIT, occupy=1):
         for plan in plans:
