@@ -47,7 +47,12 @@ def build_feature_datasets(
         segmented = segment_datasets(root, sorted({s.dataset for s in specs}), segmenter, crops, run)
     refresh_catalog(root)
     tables = catalog_summary(root)
-    create_table_artifact(ingested, key="build-ingest", description="what this run ingested")
+    stages = [{"stage": "ingest", "dataset": i["dataset"], "shards": i["shards"], "images": i["images"],
+               "quarantined": i["quarantined"], "crops": None} for i in ingested]
+    if segmented:
+        stages.append({"stage": "segment", "dataset": ", ".join(segmented["datasets"]), "shards": segmented["shards"],
+                       "images": segmented["images"], "quarantined": None, "crops": segmented["crops"]})
+    create_table_artifact(stages, key="build-summary", description="what this run did")
     create_markdown_artifact(summary_markdown(tables), key="catalog-summary", description="catalog after this run")
     log.info("catalog at %s: %s", root.url, {t: v.num_rows for t, v in tables.items()})
     return {"ingested": ingested, "segmented": segmented, "catalog": root.catalog_sql}
