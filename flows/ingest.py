@@ -42,6 +42,7 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
         "layout": source.layout,
         "split": source.resolved_split().model_dump(),
         "max_pixels": options.max_pixels,
+        "max_bytes": options.max_bytes,
     }
     plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
     started = datetime.now(timezone.utc)

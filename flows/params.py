@@ -54,6 +54,7 @@ class SourceSpec(_Strict):
 class IngestOptions(_Strict):
     shard_size: int = Field(256, ge=1, le=100_000, description="images per shard task")
     max_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images are decompression bombs (px)")
+    max_bytes: int = Field(256 * 2**20, ge=1, description="larger files are quarantined unread (bytes)")
     mode: Literal["incremental", "overwrite"] = Field(
         "incremental", description="incremental: only new files; overwrite: drop the dataset and redo it"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from functools import cached_property
 
@@ -21,15 +22,19 @@ from models.segmenter import Segment
 MASK_STRIDE = 4  # masks are kept at 1/4 resolution, like Mask2Former's
 
 
-class AnnotationsUnavailable(ValueError):
-    pass
+def _norm(url: str) -> str:
+    """One spelling per location: absolute local paths, protocol URLs as fsspec writes them."""
+    if "://" not in url:
+        return os.path.abspath(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol(path)
 
 
 class PanopticAnnotations:
     """One COCO-panoptic JSON + PNG folder, looked up by an image's path under images_root."""
 
     def __init__(self, json_url: str, png_dir: str, images_root: str):
-        self.json_url, self.png_dir, self.images_root = json_url, png_dir.rstrip("/"), images_root.rstrip("/")
+        self.json_url, self.png_dir, self.images_root = json_url, png_dir.rstrip("/"), _norm(images_root.rstrip("/"))
 
     @cached_property
     def _index(self) -> tuple[dict[str, dict], dict[int, dict]]:
@@ -45,8 +50,10 @@ class PanopticAnnotations:
         return self._index[1]
 
     def annotation_for(self, source_uri: str) -> dict | None:
-        rel = posixpath.relpath(source_uri, self.images_root) if source_uri.startswith(self.images_root) else None
-        return self._index[0].get(rel) if rel else None
+        uri = _norm(source_uri)
+        if not uri.startswith(self.images_root + "/"):
+            return None
+        return self._index[0].get(uri[len(self.images_root) + 1:])
 
     def read_ids(self, annotation: dict) -> np.ndarray:
         """The panoptic id map (int32, full resolution): id = R + 256 G + 256^2 B."""

@@ -15,24 +15,31 @@ import pyarrow.parquet as pq
 
 from storage.layout import DataRoot
 from storage.schema import TABLES
-from storage.shards import _atomic_write, read_commits
+from storage.shards import atomic_write, read_commits
 
 log = logging.getLogger(__name__)
 
 SPLIT_RANK = "CASE split WHEN 'test' THEN 3 WHEN 'val' THEN 2 ELSE 1 END"
 
-# Views built on the raw `<table>_all` views. `images_all` keeps every ingested copy;
-# `images` keeps the first copy per (dataset, image_id) and one split per image_id across
-# all datasets (test > val > train), so the same bytes never sit in two splits.
-# Later copies of the same bytes in one dataset surface in `quarantine` as `duplicate`.
-# `features` takes each crop's split from its image, so a crop can never disagree with it.
+# Views built on the raw `<table>_all` views:
+# - `image_copies`: the latest row per (dataset, source_uri), so a file re-ingested after it
+#   changed replaces its old row, ranked among the copies of the same bytes;
+# - `images`: the first copy per (dataset, image_id), with one split per image_id across all
+#   datasets (test > val > train), so the same bytes never sit in two splits;
+# - `quarantine`: what a stage refused (minus ingest refusals since ingested after all), plus
+#   later copies of the same bytes in one dataset, as `duplicate`;
+# - `features`: crops whose image is in `images`, taking split and country from the image;
+# - `segmentations`: the latest outcome per (segmenter, dataset, image).
 DERIVED_VIEWS = f"""
 CREATE OR REPLACE VIEW image_copies AS
+WITH latest AS (
+  SELECT * FROM images_all
+  QUALIFY row_number() OVER (PARTITION BY dataset, source_uri ORDER BY ingested_at DESC) = 1)
 SELECT *,
   row_number() OVER (PARTITION BY dataset, image_id ORDER BY ingested_at, source_uri) AS copy_rank,
   first_value(source_uri) OVER (PARTITION BY dataset, image_id ORDER BY ingested_at, source_uri) AS first_uri,
   max({SPLIT_RANK}) OVER (PARTITION BY image_id) AS split_rank
-FROM images_all;
+FROM latest;
 
 CREATE OR REPLACE VIEW images AS
 SELECT image_id, dataset,
@@ -42,21 +49,26 @@ SELECT image_id, dataset,
 FROM image_copies WHERE copy_rank = 1;
 
 CREATE OR REPLACE VIEW quarantine AS
-SELECT source_uri, dataset, reason, detail, seen_at FROM quarantine_all
+SELECT source_uri, dataset, stage, reason, detail, seen_at FROM quarantine_all q
+WHERE stage <> 'ingest' OR NOT EXISTS (
+  SELECT 1 FROM images_all i WHERE i.dataset = q.dataset AND i.source_uri = q.source_uri AND i.ingested_at > q.seen_at)
 UNION ALL
-SELECT source_uri, dataset, 'duplicate' AS reason,
+SELECT source_uri, dataset, 'ingest' AS stage, 'duplicate' AS reason,
   'same bytes as ' || first_uri || ' (image_id ' || image_id || ')' AS detail, ingested_at AS seen_at
 FROM image_copies WHERE copy_rank > 1;
 
 CREATE OR REPLACE VIEW features AS
-SELECT f.* REPLACE (coalesce(s.split, f.split) AS split)
-FROM features_all f
-LEFT JOIN (SELECT DISTINCT image_id, split FROM images) s USING (image_id);
+SELECT f.* REPLACE (i.split AS split, i.country AS country)
+FROM features_all f JOIN images i USING (image_id, dataset);
+
+CREATE OR REPLACE VIEW segmentations AS
+SELECT * FROM segmentations_all
+QUALIFY row_number() OVER (PARTITION BY segmenter, dataset, image_id ORDER BY created_at DESC) = 1;
 
 CREATE OR REPLACE VIEW segmenters AS
 SELECT segmenter, dataset, count(*) AS images, sum(crops)::BIGINT AS crops,
   count(*) FILTER (WHERE status <> 'ok') AS images_without_crops, max(created_at) AS last_run
-FROM segmentations_all GROUP BY ALL;
+FROM segmentations GROUP BY ALL;
 """
 
 
@@ -69,7 +81,7 @@ def _write_schema_files(root: DataRoot) -> None:
     for name, schema in TABLES.items():
         path = root.schema_path(name)
         if not root.fs.exists(path):
-            _atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
+            atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
 
 
 def catalog_sql(root: DataRoot) -> str:
@@ -98,7 +110,7 @@ def refresh_catalog(root: DataRoot) -> str:
     _write_schema_files(root)
     sql = catalog_sql(root)
     data = sql.encode()
-    _atomic_write(root, root.catalog_sql, lambda f: f.write(data))
+    atomic_write(root, root.catalog_sql, lambda f: f.write(data))
     log.info("catalog refreshed: %s", root.catalog_sql)
     return sql
 
@@ -110,18 +122,25 @@ class QueryRefused(ValueError):
 ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
-def connect(root: DataRoot, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the catalog views.
 
-    With read_only, the database itself is locked down: file access only under the
-    catalog's table folders, no extension install/load, and the configuration locked.
+    `fresh` builds the views from the completion records now (for planners: nothing is
+    written); otherwise from catalog.sql. With read_only, the database itself is locked
+    down: file access only under the catalog's table folders, no extension install/load,
+    and the configuration locked.
     """
-    if not root.fs.exists(root.catalog_sql):
-        refresh_catalog(root)
+    if fresh:
+        _write_schema_files(root)
+        sql = catalog_sql(root)
+    else:
+        if not root.fs.exists(root.catalog_sql):
+            refresh_catalog(root)
+        sql = root.fs.cat_file(root.catalog_sql).decode()
     con = duckdb.connect()
     if not root.is_local:
         con.register_filesystem(root.fs)
-    con.execute(root.fs.cat_file(root.catalog_sql).decode())
+    con.execute(sql)
     if read_only:
         dirs = [root.path(t) + "/" for t in TABLES] + [root.path("_schema") + "/"]
         con.execute("SET autoinstall_known_extensions = false")

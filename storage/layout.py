@@ -51,9 +51,6 @@ class DataRoot:
     def commit_path(self, stage: str, dataset: str, shard_id: str) -> str:
         return self.path("_commits", stage, f"dataset={dataset}", f"{shard_id}.json")
 
-    def commits_glob(self, stage: str = "*") -> str:
-        return self.path("_commits", stage, "dataset=*", "*.json")
-
     def schema_path(self, table: str) -> str:
         """An empty Parquet file with the table's schema, so a view is valid before any data."""
         return self.path("_schema", f"{table}.parquet")

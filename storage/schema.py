@@ -38,6 +38,7 @@ QUARANTINE = pa.schema(
     [
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # ingest | segment: which stage refused it
         pa.field("reason", pa.string(), nullable=False),  # one of tasks.validate.REASONS
         pa.field("detail", pa.string(), nullable=False),
         pa.field("size_bytes", pa.int64()),
@@ -77,7 +78,8 @@ SEGMENTATIONS = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("segmenter", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | no_crops | no_annotation | quarantined
+        # ok | no_crops | no_annotation | quarantined | error (error: planned again next run)
+        pa.field("status", pa.string(), nullable=False),
         pa.field("crops", pa.int32(), nullable=False),
         pa.field("created_at", TS, nullable=False),
     ]

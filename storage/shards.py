@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -54,13 +55,31 @@ class CommitRecord:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
 
 
-def _atomic_write(root: DataRoot, path: str, write) -> None:
-    """Write via `write(fileobj)` to a temp name next to `path`, then rename into place."""
+def _writer_alive(tmp_name: str) -> bool:
+    """Temp names carry the writer's pid (`.tmp-<pid>-<rand>`); another live writer's file stays."""
+    try:
+        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(root: DataRoot, path: str, write) -> None:
+    """Write via `write(fileobj)` to a temp name next to `path`, then rename into place.
+
+    Temp files left by a killed writer (its pid is gone) are removed; a concurrent live
+    writer's temp file is left alone."""
     fs = root.fs
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    for stale in fs.glob(f"{path}.tmp-*"):  # leftovers of a killed earlier attempt
-        fs.rm(stale)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    for entry in fs.ls(folder, detail=False):
+        base = posixpath.basename(entry)
+        if base.startswith(f"{name}.tmp-") and not _writer_alive(base):
+            fs.rm(entry)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open(tmp, "wb") as f:
             write(f)
@@ -72,7 +91,7 @@ def _atomic_write(root: DataRoot, path: str, write) -> None:
 
 
 def write_parquet_atomic(root: DataRoot, table: pa.Table, path: str) -> None:
-    _atomic_write(
+    atomic_write(
         root,
         path,
         lambda f: pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE),
@@ -110,7 +129,7 @@ def commit_shard(
         created_at=datetime.now(timezone.utc).isoformat(),
     )
     data = record.to_json().encode()
-    _atomic_write(root, root.commit_path(stage, dataset, shard_id), lambda f: f.write(data))
+    atomic_write(root, root.commit_path(stage, dataset, shard_id), lambda f: f.write(data))
     log.debug("committed %s shard %s/%s: %s", stage, dataset, shard_id, rows)
     return record
 
@@ -118,8 +137,11 @@ def commit_shard(
 def read_commits(root: DataRoot, stage: str = "*") -> list[CommitRecord]:
     """Every completion record under the root, in a stable order."""
     fs = root.fs
-    paths = sorted(p for p in fs.glob(root.commits_glob(stage)) if ".tmp-" not in p)
+    top = root.path("_commits") if stage == "*" else root.path("_commits", stage)
+    if not fs.exists(top):
+        return []
+    # find, not glob: a data root may contain glob characters such as [ ].
+    paths = sorted(p for p in fs.find(top) if p.endswith(".json") and ".tmp-" not in p)
     if not paths:
         return []
-    contents = fs.cat(paths)  # a list argument always returns {path: bytes}
-    return [CommitRecord(**json.loads(contents[p])) for p in paths]
+    return [CommitRecord(**json.loads(fs.cat_file(p))) for p in paths]  # cat_file: no glob expansion

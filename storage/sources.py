@@ -75,7 +75,13 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_csv(url: str) -> pl.DataFrame:
-    """A CSV with every column as a string: 'NA' is Namibia, not a missing value."""
+    """A CSV with every column as a string: 'NA' is Namibia, not a missing value.
+
+    A malformed CSV is a configuration error naming the file, not a parser traceback."""
     with fsspec.open(url, "rb") as f:
         data = f.read()
-    return pl.read_csv(io.BytesIO(data), infer_schema=False)
+    try:
+        return pl.read_csv(io.BytesIO(data), infer_schema=False)
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{url}: not a readable CSV ({first}); save it as UTF-8 CSV with one header row") from exc

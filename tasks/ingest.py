@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from storage import sources
-from storage.catalog import connect, refresh_catalog
+from storage.catalog import connect
 from storage.layout import DataRoot
 from storage.schema import IMAGES, QUARANTINE, to_table
 from storage.shards import Output, commit_shard, is_committed, read_commits
@@ -47,6 +47,7 @@ class Candidate(BaseModel):
     country: str  # ISO alpha-2, already resolved
     lat: float | None = None
     lon: float | None = None
+    split: str | None = None  # set by the source itself (OSV-5M's test.csv): overrides the hash
 
     def key(self) -> tuple:
         return (self.uri, self.size, self.mtime)
@@ -118,11 +119,16 @@ def list_g50(source: str) -> Listing:
 
 
 def _index_images(folder: str) -> dict[str, sources.SourceFile]:
-    """rel path and bare file name -> file, for manifest lookups."""
-    index: dict[str, sources.SourceFile] = {}
-    for f in sources.list_files(folder):
-        index.setdefault(f.rel, f)
-        index.setdefault(posixpath.basename(f.rel), f)
+    """rel path -> file, plus bare file name -> file where that name is unique in the folder
+    (manifests written elsewhere name files by a different prefix)."""
+    files = sources.list_files(folder)
+    index: dict[str, sources.SourceFile] = {f.rel: f for f in files}
+    names: dict[str, list[sources.SourceFile]] = {}
+    for f in files:
+        names.setdefault(posixpath.basename(f.rel), []).append(f)
+    for name, same in names.items():
+        if len(same) == 1:
+            index.setdefault(name, same[0])
     return index
 
 
@@ -191,15 +197,15 @@ def detect_swapped(lats: list[float | None], lons: list[float | None]) -> bool |
     return False
 
 
-def _geocode_into(listing: Listing, rows: list[tuple[str, sources.SourceFile, float, float]]) -> None:
-    """Resolve (uri, file, lat, lon) rows to countries by polygon lookup, in one batch."""
+def _geocode_into(listing: Listing, rows: list[tuple[str, sources.SourceFile, float, float, str | None]]) -> None:
+    """Resolve (where, file, lat, lon, forced split) rows to countries by polygon lookup, in one batch."""
     found = countries_at([r[2] for r in rows], [r[3] for r in rows])
-    for (where, f, lat, lon), (country, how) in zip(rows, found):
+    for (where, f, lat, lon, split), (country, how) in zip(rows, found):
         if country is None:
             listing.reject(f.uri, "no_country_at_coordinates", f"{where}: ({lat}, {lon}) {how}", f.size, f.mtime)
         else:
             listing.candidates.append(
-                Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code, lat=lat, lon=lon)
+                Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code, lat=lat, lon=lon, split=split)
             )
 
 
@@ -217,7 +223,7 @@ def list_im2gps(source: str, images: str | None) -> Listing:
     swapped = detect_swapped(lats, lons)
     if swapped:
         lats, lons = lons, lats
-        msg = f"{source}: LAT and LON headers look swapped (latitudes beyond +/-90); using them swapped"
+        msg = f"{source}: LAT and LON headers look swapped (far more points land in a country when read the other way); using them swapped"
         log.warning(msg)
         listing.warnings.append(msg)
     located = []
@@ -233,7 +239,7 @@ def list_im2gps(source: str, images: str | None) -> Listing:
             reason = "ambiguous_coordinates" if valid_latlon(lon, lat) else "coordinates_out_of_range"
             listing.reject(f.uri, reason, f"{where}: LAT={lat} LON={lon}", f.size, f.mtime)
             continue
-        located.append((where, f, lat, lon))
+        located.append((where, f, lat, lon, None))
     _geocode_into(listing, located)
     return listing
 
@@ -256,6 +262,8 @@ def list_osv5m(source: str, images: str | None) -> Listing:
     listing = Listing()
     located = []
     for csv in csvs:
+        # OSV-5M's own test set stays test: it is a benchmark, hashing it into train would leak it.
+        forced = "test" if posixpath.basename(csv).lower().startswith("test") else None
         df = sources.read_csv(csv)
         id_col = _column(df, ("id",), "id", csv)
         lat_col = _column(df, ("latitude", "lat"), "latitude", csv)
@@ -279,9 +287,10 @@ def list_osv5m(source: str, images: str | None) -> Listing:
                 if country is None:
                     listing.reject(f.uri, "unknown_country", f"{where}: country code {code!r}", f.size, f.mtime)
                 else:
-                    listing.candidates.append(Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code, lat=lat, lon=lon))
+                    listing.candidates.append(Candidate(uri=f.uri, size=f.size, mtime=f.mtime, country=country.code,
+                                                        lat=lat, lon=lon, split=forced))
             elif has_coords:
-                located.append((where, f, lat, lon))
+                located.append((where, f, lat, lon, forced))
             else:
                 listing.reject(f.uri, "missing_label", f"{where}: no country and no coordinates", f.size, f.mtime)
     _geocode_into(listing, located)
@@ -309,8 +318,7 @@ def committed_keys(root: DataRoot, dataset: str) -> set[tuple]:
     """(uri, size, mtime) of every input this dataset already turned into a row."""
     if not any(r.dataset == dataset for r in read_commits(root, STAGE)):
         return set()
-    refresh_catalog(root)
-    con = connect(root)
+    con = connect(root, fresh=True)
     try:
         rows = con.execute(
             "SELECT source_uri, size_bytes, source_mtime FROM images_all WHERE dataset = ? "
@@ -345,11 +353,11 @@ def plan_shards(
 # ---------------------------------------------------------------- 3. one shard
 
 
-def assign_split(image_id: str, params: dict) -> str:
+def assign_split(image_id: str, params: dict, forced: str | None = None) -> str:
     split = params["split"]
     if split["policy"] != "hash":
         return split["policy"]
-    return split_of(image_id, split["train"], split["val"])
+    return forced or split_of(image_id, split["train"], split["val"])
 
 
 def _image_row(c: Candidate, data: bytes, params: dict, country: Country, now: datetime) -> dict:
@@ -358,7 +366,7 @@ def _image_row(c: Candidate, data: bytes, params: dict, country: Country, now: d
     return {
         "image_id": image_id,
         "dataset": params["dataset"],
-        "split": assign_split(image_id, params),
+        "split": assign_split(image_id, params, c.split),
         "country": country.code,
         "country_name": country.name,
         "continent": country.continent,
@@ -375,7 +383,7 @@ def _image_row(c: Candidate, data: bytes, params: dict, country: Country, now: d
 
 
 def _quarantine_row(uri, dataset, reason, detail, size, mtime, now) -> dict:
-    return {"source_uri": uri, "dataset": dataset, "reason": reason, "detail": detail,
+    return {"source_uri": uri, "dataset": dataset, "stage": STAGE, "reason": reason, "detail": detail,
             "size_bytes": size, "source_mtime": mtime, "seen_at": now}
 
 
@@ -393,6 +401,10 @@ def ingest_shard(root: DataRoot, plan: ShardPlan, ingested_at: datetime | None =
     for r in plan.rejected:
         quarantined.append(_quarantine_row(r.uri, plan.dataset, r.reason, r.detail, r.size, r.mtime, now))
     for c in plan.candidates:
+        if c.size is not None and c.size > plan.params.get("max_bytes", float("inf")):
+            quarantined.append(_quarantine_row(c.uri, plan.dataset, "too_large",
+                                               f"{c.size} bytes > max_bytes={plan.params['max_bytes']}", c.size, c.mtime, now))
+            continue
         try:
             data = sources.read_bytes(c.uri)
         except FileNotFoundError:

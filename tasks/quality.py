@@ -36,7 +36,7 @@ def quality_checks(root: DataRoot, segmenter: str, datasets: list[str]) -> list[
             FROM features WHERE segmenter = ? AND list_contains(?, dataset)
             GROUP BY ALL ORDER BY "group", crops DESC""", p)
         status = _q(con, """
-            SELECT dataset, status, count(*) AS images FROM segmentations_all
+            SELECT dataset, status, count(*) AS images FROM segmentations
             WHERE segmenter = ? AND list_contains(?, dataset) GROUP BY ALL ORDER BY ALL""", p)
         balance = _q(con, """
             SELECT "group", max(n) AS largest, min(n) AS smallest, round(max(n) / min(n), 1) AS ratio
@@ -49,7 +49,7 @@ def quality_checks(root: DataRoot, segmenter: str, datasets: list[str]) -> list[
             GROUP BY ALL HAVING train_crops < {MIN_CROPS_TO_TRAIN} ORDER BY ALL""", p)
     finally:
         con.close()
-    counts = {s: 0 for s in ("ok", "no_crops", "no_annotation", "quarantined")}
+    counts = {s: 0 for s in ("ok", "no_crops", "no_annotation", "quarantined", "error")}
     for row in status.to_pylist():
         counts[row["status"]] = counts.get(row["status"], 0) + row["images"]
     total = sum(counts.values())

@@ -31,7 +31,7 @@ from flows.params import CropSpec, RunOptions, SegmenterSpec
 from models.labels import GROUPS, label_set_for_checkpoint, load_label_map
 from models.segmenter import Segment
 from storage import sources
-from storage.catalog import connect, refresh_catalog
+from storage.catalog import connect
 from storage.layout import DataRoot
 from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
 from storage.shards import Output, commit_shard, is_committed
@@ -255,8 +255,9 @@ def encode(img: Image.Image, crops: CropSpec) -> bytes:
     return buf.getvalue()
 
 
-def feature_id(segmenter: str, image_id: str, label: str, rank: int) -> str:
-    return hashlib.sha256(f"{segmenter}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
+def feature_id(segmenter: str, dataset: str, image_id: str, label: str, rank: int) -> str:
+    """Deterministic: the same crop gets the same id on every run (and a rerun after kill -9)."""
+    return hashlib.sha256(f"{segmenter}|{dataset}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------- plan and run
@@ -264,12 +265,12 @@ def feature_id(segmenter: str, image_id: str, label: str, rank: int) -> str:
 
 def plan_segmentation(root: DataRoot, dataset: str, segmenter: str, shard_size: int) -> list[SegmentPlan]:
     """Images of `dataset` this segmenter version has not segmented yet, in shards."""
-    refresh_catalog(root)
-    con = connect(root)
+    con = connect(root, fresh=True)
     try:
         rows = con.execute(
             "SELECT image_id, dataset, split, country, source_uri FROM images WHERE dataset = ? "
-            "AND image_id NOT IN (SELECT image_id FROM segmentations_all WHERE segmenter = ? AND dataset = ?) "
+            "AND image_id NOT IN (SELECT image_id FROM segmentations "
+            "                     WHERE segmenter = ? AND dataset = ? AND status <> 'error') "
             "ORDER BY image_id", [dataset, segmenter, dataset]).fetchall()
     finally:
         con.close()
@@ -304,10 +305,11 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
                      "status": status, "crops": n, "created_at": now})
 
     def reject(ref: ImageRef, reason: str, detail: str) -> None:
-        quarantined.append({"source_uri": ref.source_uri, "dataset": ref.dataset, "reason": reason,
+        quarantined.append({"source_uri": ref.source_uri, "dataset": ref.dataset, "stage": STAGE, "reason": reason,
                             "detail": f"segmenter {plan.segmenter}: {detail}", "size_bytes": None,
                             "source_mtime": None, "seen_at": now})
-        record(ref, "quarantined", 0)
+        # A model failure may be transient (CUDA, a bug fixed later): `error` is planned again.
+        record(ref, "error" if reason == "segmenter_error" else "quarantined", 0)
 
     with ThreadPoolExecutor(run.encode_threads) as pool:
         for batch in loader:
@@ -331,7 +333,7 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
                 for seg, group, rank in chosen:
                     x0, y0, x1, y1 = seg.bbox
                     crop = cut_crop(image, seg, crops)
-                    fid = feature_id(plan.segmenter, ref.image_id, seg.label, rank)
+                    fid = feature_id(plan.segmenter, ref.dataset, ref.image_id, seg.label, rank)
                     row = {"feature_id": fid, "image_id": ref.image_id, "dataset": ref.dataset, "split": ref.split,
                            "country": ref.country, "label": seg.label, "group": group, "score": float(seg.score),
                            "bbox": [x0, y0 + item["top"], x1, y1 + item["top"]], "area": int(seg.area),

@@ -22,6 +22,7 @@ REASONS = {
     "unsupported_extension": "file extension is not an image type",
     "missing_file": "a manifest row names a file that does not exist",
     "unreadable_file": "the file could not be read",
+    "too_large": "the file is larger than max_bytes; it was not read",
     "unknown_country": "the label is not a country (a state, a city, a typo)",
     "missing_label": "no country and no coordinates",
     "coordinates_out_of_range": "lat/lon outside [-90,90] x [-180,180] or not numbers",

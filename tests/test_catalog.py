@@ -1,5 +1,6 @@
 """storage/: schemas, atomic shards, the DuckDB views and the read-only SQL guard."""
 
+import os
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -75,9 +76,27 @@ def test_atomic_write_leaves_nothing_behind_on_failure(root):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        shards._atomic_write(root, path, boom)
+        shards.atomic_write(root, path, boom)
     assert not root.fs.exists(path)
     assert root.fs.glob(path + "*") == []
+
+
+def test_temp_files_of_dead_writers_are_swept_and_live_ones_kept(root):
+    path = root.shard_path("images", "s4", dataset="demo")
+    root.fs.makedirs(root.path("images", "dataset=demo"), exist_ok=True)
+    dead, live = f"{path}.tmp-999999999-aaaa", f"{path}.tmp-{os.getpid()}-bbbb"
+    for p in (dead, live):
+        root.fs.pipe(p, b"partial")
+    shards.atomic_write(root, path, lambda f: f.write(b"done"))
+    assert not root.fs.exists(dead) and root.fs.exists(live)
+    assert root.fs.cat(path) == b"done"
+
+
+def test_data_root_with_glob_characters(tmp_path):
+    odd = DataRoot(str(tmp_path / "h[1]"))
+    commit(odd, "demo", "s1", images=[image_row("9" * 64, "demo")])
+    refresh_catalog(odd)
+    assert connect(odd).sql("SELECT count(*) FROM images").fetchall() == [(1,)]
 
 
 def test_duplicates_and_split_resolution(root):
@@ -154,3 +173,29 @@ def test_query_returns_arrow(root):
     refresh_catalog(root)
     table = query(root, "SELECT dataset, count(*) AS n FROM images GROUP BY dataset")
     assert isinstance(table, pa.Table) and table.to_pylist() == [{"dataset": "demo", "n": 1}]
+
+
+def test_a_reingested_file_replaces_its_row_and_relabels_its_features(root):
+    from storage.schema import FEATURES
+
+    later = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    first = image_row("a1" * 32, "g50", uri="/g50/France/x.jpg")
+    commit(root, "g50", "s1", images=[first],
+           quarantine=[{"source_uri": "/g50/France/late.jpg", "dataset": "g50", "stage": "ingest",
+                        "reason": "missing_file", "detail": "not yet", "size_bytes": None,
+                        "source_mtime": None, "seen_at": NOW}])
+    feature = {"feature_id": "f1", "image_id": "a1" * 32, "dataset": "g50", "split": "train", "country": "FR",
+               "label": "car", "group": "vehicle", "score": 1.0, "bbox": [0, 0, 4, 4], "area": 16,
+               "crop": {"bytes": b"x", "path": "f1.jpg"}, "crop_width": 4, "crop_height": 4,
+               "segmenter": "annotations@main-x", "untrained": False, "created_at": NOW}
+    shards.commit_shard(root, "segment", "g50", "seg1", [shards.Output("features", {"dataset": "g50"},
+                                                                       to_table([feature], FEATURES))])
+    # The same file re-ingested later (touched, relabelled), and the missing file arrived:
+    again = dict(first, country="ES", country_name="Spain", ingested_at=later, source_mtime=2.5)
+    arrived = image_row("b2" * 32, "g50", uri="/g50/France/late.jpg", when=later)
+    commit(root, "g50", "s2", images=[again, arrived])
+    refresh_catalog(root)
+    con = connect(root)
+    assert con.sql("SELECT country FROM images WHERE source_uri = '/g50/France/x.jpg'").fetchall() == [("ES",)]
+    assert con.sql("SELECT count(*) FROM quarantine").fetchall() == [(0,)]  # no self-duplicate, no stale row
+    assert con.sql("SELECT country FROM features").fetchall() == [("ES",)]

@@ -64,9 +64,11 @@ def g50_corpus(base) -> dict[str, str | None]:
 
 def test_g50_every_input_is_accounted_for(tmp_path, root):
     expected = g50_corpus(tmp_path / "g50")
+    write(tmp_path / "g50" / "compressed_dataset" / "Japan" / "huge.jpg", image_bytes("JPEG", size=(640, 480), seed=12))
+    expected[str(tmp_path / "g50" / "compressed_dataset" / "Japan" / "huge.jpg")] = "too_large"
     summary = ingest(SourceSpec(layout="g50", source=str(tmp_path / "g50"), dataset="g50"),
-                     IngestOptions(shard_size=4), home=root.url)
-    assert summary["shards"] == 5  # 16 files to read in shards of 4, plus the listing rejections
+                     IngestOptions(shard_size=4, max_bytes=100_000), home=root.url)
+    assert summary["shards"] == 6  # 17 files to read in shards of 4, plus the listing rejections
     con = connect(root)
     images = dict(con.sql("SELECT source_uri, country FROM images").fetchall())
     quarantined = dict(con.sql("SELECT source_uri, reason FROM quarantine").fetchall())
@@ -169,6 +171,8 @@ def test_osv5m_reads_country_as_a_string(tmp_path, root):
     con = connect(root)
     got = {u.rsplit("/", 1)[1]: c for u, c in con.sql("SELECT source_uri, country FROM images").fetchall()}
     assert got == {"1001.jpg": "NA", "1002.jpg": "FR", "1005.jpg": "JP"}
+    splits = dict(con.sql("SELECT regexp_extract(source_uri, '[^/]+$'), split FROM images").fetchall())
+    assert splits["1005.jpg"] == "test"  # OSV-5M's own test set is never hashed into train
     name = con.sql("SELECT country_name FROM images WHERE country = 'NA'").fetchall()
     assert name == [("Namibia",)]
     reasons = {u.rsplit("/", 1)[1]: r for u, r in con.sql("SELECT source_uri, reason FROM quarantine").fetchall()}
@@ -196,6 +200,23 @@ def test_g3_manifest_and_cross_dataset_duplicates_share_a_split(tmp_path, root):
     assert leaks == []
     reasons = {u.rsplit("/", 1)[1]: r for u, r in con.sql("SELECT source_uri, reason FROM quarantine").fetchall()}
     assert reasons == {"c.jpg": "unknown_country", "d.jpg": "missing_file"}
+
+
+def test_manifest_names_that_match_several_files_are_not_guessed(tmp_path, root):
+    write(tmp_path / "imgs" / "France" / "1.jpg", image_bytes("JPEG", seed=900))
+    write(tmp_path / "imgs" / "Spain" / "1.jpg", image_bytes("JPEG", seed=901))
+    write_csv(tmp_path / "m.csv", "path,country", ["data/France/1.jpg,France", "Spain/1.jpg,Spain"])
+    ingest(SourceSpec(layout="g3", source=str(tmp_path / "m.csv"), images=str(tmp_path / "imgs"), dataset="amb"),
+           home=root.url)
+    con = connect(root)
+    assert con.sql("SELECT regexp_extract(source_uri, '[^/]+/[^/]+$'), country FROM images").fetchall() == [("Spain/1.jpg", "ES")]
+    assert con.sql("SELECT reason FROM quarantine").fetchall() == [("missing_file",)]
+
+
+def test_malformed_csv_is_a_clear_configuration_error(tmp_path, root):
+    write(tmp_path / "bad.csv", "IMG_ID,LAT,LON\nZürich.jpg,47.3,8.5\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="bad.csv: not a readable CSV"):
+        ingest(SourceSpec(layout="im2gps", source=str(tmp_path / "bad.csv"), dataset="bad"), home=root.url)
 
 
 def test_missing_images_are_reported_not_a_crash(tmp_path, root):

@@ -54,7 +54,9 @@ def test_crop_geometry_and_background_mask():
 
 
 def test_ids_are_deterministic_and_versioned():
-    assert feature_id("s", "img", "car", 0) == feature_id("s", "img", "car", 0) != feature_id("s", "img", "car", 1)
+    assert feature_id("s", "d", "img", "car", 0) == feature_id("s", "d", "img", "car", 0)
+    assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d", "img", "car", 1)
+    assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d2", "img", "car", 0)  # same bytes, 2 datasets
     a = segmenter_key(SegmenterSpec(), CropSpec())
     assert a == segmenter_key(SegmenterSpec(), CropSpec())
     assert a.startswith("facebook--mask2former-swin-large-mapillary-vistas-panoptic@main-")
