@@ -80,8 +80,11 @@ def _write_schema_files(root: DataRoot) -> None:
     """Empty Parquet files carrying each schema: views stay valid and typed with no data."""
     for name, schema in TABLES.items():
         path = root.schema_path(name)
-        if not root.fs.exists(path):
-            atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
+        if root.fs.exists(path):
+            with root.fs.open(path, "rb") as f:
+                if pq.read_schema(f).equals(schema, check_metadata=False):
+                    continue
+        atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
 
 
 def catalog_sql(root: DataRoot) -> str:
