@@ -1,4 +1,4 @@
-"""Test data made on the fly: no test reads ../shared or the network."""
+"""Test data made on the fly: no test reads the shared real samples or the network."""
 
 from __future__ import annotations
 

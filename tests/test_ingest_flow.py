@@ -220,7 +220,7 @@ def test_malformed_csv_is_a_clear_configuration_error(tmp_path, root):
 
 
 def test_missing_images_are_reported_not_a_crash(tmp_path, root):
-    """Like ../shared/data/im2gps: a ground-truth CSV whose images were never downloaded."""
+    """Like the real IM2GPS ground-truth CSVs: the images were never downloaded."""
     write_csv(tmp_path / "gt.csv", "IMG_ID,AUTHOR,LAT,LON", [f"img_{i}.jpg,a,{10 + i},{10 + i}" for i in range(5)])
     summary = ingest(SourceSpec(layout="im2gps", source=str(tmp_path / "gt.csv"), dataset="empty"), home=root.url)
     assert (summary["images"], summary["quarantined"]) == (0, 5)
