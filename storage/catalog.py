@@ -109,10 +109,12 @@ def catalog_sql(root: DataRoot) -> str:
 
 
 def refresh_catalog(root: DataRoot) -> str:
-    """Rewrite catalog.sql from the completion records; returns the SQL."""
+    """Rewrite catalog.sql from the completion records (only if it changed); returns the SQL."""
     _write_schema_files(root)
     sql = catalog_sql(root)
     data = sql.encode()
+    if root.fs.exists(root.catalog_sql) and root.fs.cat_file(root.catalog_sql) == data:
+        return sql  # a no-op run rewrites nothing
     atomic_write(root, root.catalog_sql, lambda f: f.write(data))
     log.info("catalog refreshed: %s", root.catalog_sql)
     return sql

@@ -85,9 +85,11 @@ def test_demo_build_with_ground_truth_masks(root):
     crop = con.sql("SELECT crop, crop_width, crop_height FROM features LIMIT 1").fetchall()[0]
     assert Image.open(io.BytesIO(crop[0]["bytes"])).size == (crop[1], crop[2])
     assert con.sql("SELECT DISTINCT untrained, segmenter LIKE 'annotations@%' FROM features").fetchall() == [(False, True)]
-    # A rerun segments nothing: zero model calls, no new shards.
+    # A rerun segments nothing: zero model calls, no new shards, no file rewritten.
+    before = {p: os.stat(p).st_mtime_ns for p in root.fs.find(root.url) if "/prefect/" not in p}
     again = segment(["demo", "demo-im2gps"], seg_result_spec(root), CropSpec(), RUN, home=root.url)
     assert (again["shards"], again["model_calls"]) == (0, 0)
+    assert {p: os.stat(p).st_mtime_ns for p in root.fs.find(root.url) if "/prefect/" not in p} == before
 
 
 def seg_result_spec(root: DataRoot) -> SegmenterSpec:
