@@ -189,7 +189,8 @@ def _predict(backend, spec: SegmenterSpec, items: list[dict], pixels, batching: 
         return _predict(backend, spec, items[a:b], None if pixels is None else pixels[a:b], batching)
 
     if len(items) > batching.size:
-        return [seg for k in range(0, len(items), batching.size) for seg in part(k, k + batching.size)]
+        step = batching.size  # fixed for this split, even if a part shrinks batching.size on OOM
+        return [seg for k in range(0, len(items), step) for seg in part(k, k + step)]
     sizes = [tuple(item["image"].shape[:2]) for item in items]
     try:
         if spec.kind == "annotations":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flows.build_feature_datasets import build_feature_datasets
@@ -169,3 +170,31 @@ def test_kill_9_mid_segmentation_then_rerun_equals_a_clean_run(tmp_path):
     after, reference = features_snapshot(killed), features_snapshot(clean)
     assert after == reference and len(after) > 0
     assert not [p for p in Path(killed.url).rglob("*.tmp-*")]
+
+
+class FakeBackend:
+    """predict() that runs out of CUDA memory above 2 images and breaks on one poisoned image."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, pixels, sizes, **kw):
+        self.calls.append(len(sizes))
+        if len(sizes) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        if any(int(p.sum()) == 7 for p in pixels):
+            raise RuntimeError("kernel failed on this image")
+        return [[seg("car", 100)] for _ in sizes]
+
+
+def test_oom_halves_the_batch_and_one_bad_image_is_isolated():
+    from tasks.segment import _Batching, _predict
+
+    items = [{"image": torch.zeros((10, 20, 3), dtype=torch.uint8)} for _ in range(8)]
+    pixels = torch.zeros((8, 3, 4, 4), dtype=torch.uint8)
+    pixels[5, 0, 0, 0] = 7  # the poisoned one
+    backend, batching = FakeBackend(), _Batching(8)
+    out = _predict(backend, TINY, items, pixels, batching)
+    assert batching.size == 2 and backend.calls[0] == 8  # 8 -> OOM -> 4 -> OOM -> 2, and stays 2
+    assert [isinstance(o, Exception) for o in out] == [False] * 5 + [True] + [False] * 2
+    assert all(o[0].label == "car" for i, o in enumerate(out) if i != 5)
