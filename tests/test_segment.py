@@ -91,6 +91,18 @@ def test_demo_build_with_ground_truth_masks(root):
     again = segment(["demo", "demo-im2gps"], seg_result_spec(root), CropSpec(), RUN, home=root.url)
     assert (again["shards"], again["model_calls"]) == (0, 0)
     assert {p: os.stat(p).st_mtime_ns for p in root.fs.find(root.url) if "/prefect/" not in p} == before
+    # With the overlay bands cut (a new segmenter version), every box lies inside the kept band.
+    cut = SegmenterSpec(**{**seg_result_spec(root).model_dump(), "overlay": {"demo": {"top": 0.2, "bottom": 0.3}}})
+    banded = segment(["demo"], cut, CropSpec(), RUN, home=root.url)
+    assert banded["crops"] > 0
+    outside = con_fresh(root).sql(f"""SELECT count(*) FROM features f JOIN images i USING (image_id, dataset)
+        WHERE f.segmenter = '{banded["segmenter"]}'
+          AND (f.bbox[2] < round(0.2 * i.height) OR f.bbox[4] > i.height - round(0.3 * i.height))""").fetchall()
+    assert outside == [(0,)]
+
+
+def con_fresh(root: DataRoot):
+    return connect(root, fresh=True)
 
 
 def seg_result_spec(root: DataRoot) -> SegmenterSpec:
