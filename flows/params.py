@@ -161,11 +161,11 @@ class RunOptions(_Strict):
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader processes decoding ahead of the model; default: 0 on CPU "
         "(they would only steal the model's cores), min(8, cores - 1) with a GPU")
+    shard_size: int = Field(128, ge=1, description="images per segmentation task")
+    concurrent_shards: int = Field(1, ge=1, description="shard tasks in flight (they share one model)")
+    encode_threads: int = Field(2, ge=1, description="threads encoding crops off the model's path")
 
     def workers_for(self, device_type: str) -> int:
         if self.num_workers is not None:
             return self.num_workers
         return 0 if device_type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
-    shard_size: int = Field(128, ge=1, description="images per segmentation task")
-    concurrent_shards: int = Field(1, ge=1, description="shard tasks in flight (they share one model)")
-    encode_threads: int = Field(2, ge=1, description="threads encoding crops off the model's path")

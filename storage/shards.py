@@ -47,10 +47,6 @@ class CommitRecord:
     params: dict = field(default_factory=dict)
     created_at: str = ""
 
-    def __post_init__(self) -> None:
-        # Records written before shards could hold several files per table name one path.
-        self.files = {t: [p] if isinstance(p, str) else list(p) for t, p in self.files.items()}
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
 
