@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # Extra pip args for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 export GEOFEAT_HOME ?= $(CURDIR)/geofeat-data
+# Prefect server port on 127.0.0.1 (make demo PORT=4300 if 4200 is taken)
+PORT ?= 4200
 
 .PHONY: venv demo test test-server down clean
 
@@ -21,7 +23,7 @@ venv: $(VENV)/.installed
 
 ## Run the main job on the embedded demo world through a real local Prefect server.
 demo: venv
-	$(BIN)/geofeat up
+	$(BIN)/geofeat up --port $(PORT)
 	eval "$$($(BIN)/geofeat env)"; $(BIN)/prefect deployment run build-feature-datasets/demo --watch
 	$(BIN)/geofeat summary
 	@echo "Prefect UI: $$($(BIN)/geofeat env --get PREFECT_API_URL | sed 's#/api$$##')   stop it with: $(BIN)/geofeat down"
