@@ -300,6 +300,7 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
     batching = _Batching(run.batch_size)
     features: list[tuple[dict, Future]] = []
     logs, quarantined, model_calls = [], [], 0
+    unknown: set[str] = set()  # labels the label map does not know: dropped, and said so below
 
     def record(ref: ImageRef, status: str, n: int) -> None:
         logs.append({"image_id": ref.image_id, "dataset": ref.dataset, "segmenter": plan.segmenter,
@@ -328,6 +329,7 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
                 if segments is None:
                     record(ref, "no_annotation", 0)
                     continue
+                unknown.update(seg.label for seg in segments if seg.label not in groups)
                 chosen = select_segments(segments, groups, crops)
                 record(ref, "ok" if chosen else "no_crops", len(chosen))
                 image = item["image"].numpy()
@@ -350,6 +352,8 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
                 Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))]
     commit_shard(root, STAGE, plan.dataset, plan.shard_id, outputs,
                  params={"segmenter": plan.segmenter, "spec": spec.model_dump(), "crops": crops.model_dump()})
+    if unknown:
+        log.warning("shard %s: labels with no group in the label map were dropped: %s", plan.shard_id, sorted(unknown))
     if untrained:
         log.warning("shard %s: crops come from an UNTRAINED random-init segmenter", plan.shard_id)
     return {"shard_id": plan.shard_id, "cached": False, "images": len(plan.images), "crops": len(rows),
