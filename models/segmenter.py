@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from models.hub import IMAGENET_MEAN, IMAGENET_STD, load_error, processor_mean_std, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,9 @@ __all__ = [
     "tiny_config",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (384, 832)  # (height, width): street scenes are wide
 MODES = ("panoptic", "instance")
 SIDECAR = "geofeat_segmenter.json"  # written by `save`: untrained flag, input size, provenance
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ---------------------------------------------------------------- data
@@ -316,50 +314,6 @@ def segments_from_logits(
     return out
 
 
-# ---------------------------------------------------------------- hub helpers
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _offline() -> bool:
-    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.is_offline_mode())
-    except Exception:  # noqa: BLE001 - older hub: no helper
-        return False
-
-
-def _cache_dir() -> str | None:
-    """The hub cache from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub); None = library default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None
-
-
-def _mean_std(processor: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std for x/255 inputs from an image processor config (HF: (x * rescale_factor - mean) / std)."""
-    rescale = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
-    if processor.get("do_normalize", True):
-        mean = tuple(float(v) for v in processor.get("image_mean", IMAGENET_MEAN))
-        std = tuple(float(v) for v in processor.get("image_std", IMAGENET_STD))
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if len(mean) == 1:
-        mean = mean * 3
-    if len(std) == 1:
-        std = std * 3
-    k = 1.0 / (255.0 * rescale)  # (x/255 - m') / s' == (x * r - m) / s  with  m' = m * k, s' = s * k
-    return tuple(m * k for m in mean), tuple(s * k for s in std)
-
-
 # ---------------------------------------------------------------- segmenter
 
 
@@ -392,27 +346,14 @@ class Mask2FormerSegmenter:
 
         checkpoint = str(checkpoint)
         dev = resolve_device(device)
-        local = os.path.isdir(os.path.expanduser(checkpoint))
-        path = os.path.expanduser(checkpoint) if local else checkpoint
-        if not local and (not _REPO_ID.fullmatch(checkpoint) or checkpoint.startswith((".", "~"))):
-            raise SegmenterUnavailable(
-                f"checkpoint directory '{checkpoint}' does not exist (it is not a local directory, nor a hub id). "
-                "Set segmenter.checkpoint to a directory holding config.json + model.safetensors "
-                "(e.g. from `hf download ORG/NAME --local-dir DIR`) or to a hub id")
-        if local:
-            cls._check_local_dir(checkpoint, path)
-        offline = _offline()
-        hub: dict[str, Any] = {"local_files_only": offline}
-        if revision:
-            hub["revision"] = revision
-        if not local and _cache_dir():
-            hub["cache_dir"] = _cache_dir()
+        path, local, hub = resolve_checkpoint(checkpoint, "segmenter.checkpoint", SegmenterUnavailable, revision)
         started = time.perf_counter()
         try:
             model = Mask2FormerForUniversalSegmentation.from_pretrained(
                 path, use_safetensors=True, dtype=torch.float32, **hub)
         except (OSError, ValueError) as exc:
-            raise SegmenterUnavailable(cls._load_error(checkpoint, local, offline, exc)) from exc
+            raise SegmenterUnavailable(
+                load_error(checkpoint, local, hub, exc, "Mask2Former", "segmenter.checkpoint")) from exc
         log.info("loaded %s%s in %.1f s", checkpoint, f"@{revision}" if revision else "", time.perf_counter() - started)
 
         try:
@@ -425,42 +366,9 @@ class Mask2FormerSegmenter:
         sidecar = cls._read_sidecar(path) if local else {}
         if input_size is None:
             input_size = tuple(sidecar.get("input_size") or DEFAULT_INPUT_SIZE)
-        mean, std = _mean_std(processor)
+        mean, std = processor_mean_std(processor)
         return cls(model, checkpoint=checkpoint, revision=revision, untrained=bool(sidecar.get("untrained", False)),
                    device=dev, preprocessor=_preprocessor(input_size, mean, std))
-
-    @staticmethod
-    def _check_local_dir(checkpoint: str, path: str) -> None:
-        names = set(os.listdir(path))
-        if "model.safetensors" in names or "model.safetensors.index.json" in names:
-            return
-        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
-        if pickles:
-            raise SegmenterUnavailable(
-                f"checkpoint '{checkpoint}' has no safetensors weights, only {pickles}: pickle checkpoints are refused. "
-                "Convert it on a trusted machine (load it and `save_pretrained` again: transformers 5 writes "
-                "model.safetensors) or download a revision with model.safetensors")
-        raise SegmenterUnavailable(
-            f"local directory '{checkpoint}' holds no model.safetensors (found: {sorted(names)[:10]}); expected "
-            "config.json + model.safetensors + preprocessor_config.json, e.g. from `hf download ORG/NAME --local-dir DIR`")
-
-    @staticmethod
-    def _load_error(checkpoint: str, local: bool, offline: bool, exc: BaseException) -> str:
-        detail = f"{type(exc).__name__}: {exc}".strip()
-        if len(detail) > 600:
-            detail = detail[:600] + "..."
-        msg = str(exc)
-        if ("safetensors" in msg and "does not appear to have" in msg) or "no file named model.safetensors" in msg:
-            return (f"checkpoint '{checkpoint}' has no safetensors weights; pickle checkpoints (pytorch_model.bin) "
-                    "are refused. Convert it on a trusted machine (load it and `save_pretrained` again) or use a "
-                    f"revision with model.safetensors. ({detail})")
-        if local:
-            return (f"could not load the Mask2Former checkpoint in local directory '{checkpoint}': expected "
-                    f"config.json + model.safetensors (+ preprocessor_config.json). ({detail})")
-        why = "HF_HUB_OFFLINE=1" if offline else "HF_HUB_OFFLINE=1 / no network"
-        return (f"checkpoint '{checkpoint}' is not in the local Hugging Face cache and the hub cannot be reached "
-                f"({why}). Download it on a machine with network (`hf download {checkpoint} --local-dir DIR`) "
-                f"and set segmenter.checkpoint to DIR. ({detail})")
 
     @staticmethod
     def _read_sidecar(path: str) -> dict[str, Any]:
