@@ -29,7 +29,8 @@ SPLIT_RANK = "CASE split WHEN 'test' THEN 3 WHEN 'val' THEN 2 ELSE 1 END"
 # - `quarantine`: what a stage refused (minus ingest refusals since ingested after all), plus
 #   later copies of the same bytes in one dataset, as `duplicate`;
 # - `features`: crops whose image is in `images`, taking split and country from the image;
-# - `segmentations`: the latest outcome per (segmenter, dataset, image).
+# - `segmentations`: the latest outcome per (segmenter, dataset, image);
+# - `experts`: the expert registry (flow `train-experts`); `predictions` / `metrics`: flow `evaluate`.
 DERIVED_VIEWS = f"""
 CREATE OR REPLACE VIEW image_copies AS
 WITH latest AS (
@@ -69,6 +70,13 @@ CREATE OR REPLACE VIEW segmenters AS
 SELECT segmenter, dataset, count(*) AS images, sum(crops)::BIGINT AS crops,
   count(*) FILTER (WHERE status <> 'ok') AS images_without_crops, max(created_at) AS last_run
 FROM segmentations GROUP BY ALL;
+
+CREATE OR REPLACE VIEW experts AS
+SELECT * FROM experts_all QUALIFY row_number() OVER (PARTITION BY expert_id ORDER BY created_at DESC) = 1;
+
+CREATE OR REPLACE VIEW predictions AS SELECT * FROM predictions_all;
+
+CREATE OR REPLACE VIEW metrics AS SELECT * FROM metrics_all;
 """
 
 

@@ -85,11 +85,69 @@ SEGMENTATIONS = pa.schema(
     ]
 )
 
+# One row per trained expert (flow `train-experts`); the weights live at `uri` (safetensors).
+EXPERTS = pa.schema(
+    [
+        pa.field("expert_id", pa.string(), nullable=False),  # <run_id>/<group>
+        pa.field("run_id", pa.string(), nullable=False),  # hash of the resolved config + feature snapshot
+        pa.field("group", pa.string(), nullable=False),  # a feature group, or `image` / `random` (baselines)
+        pa.field("segmenter", pa.string(), nullable=False),  # whose crops it was trained on
+        pa.field("uri", pa.string(), nullable=False),  # checkpoint directory (from_pretrained-able)
+        pa.field("base_checkpoint", pa.string(), nullable=False),  # what fine-tuning started from
+        pa.field("labels", pa.list_(pa.string()), nullable=False),  # ISO alpha-2, in head order
+        pa.field("snapshot", pa.string(), nullable=False),  # hash of the (feature_id, country, split) rows trained on
+        pa.field("train_crops", pa.int64(), nullable=False),
+        pa.field("val_crops", pa.int64(), nullable=False),
+        pa.field("steps", pa.int64(), nullable=False),
+        pa.field("val_accuracy", pa.float64()),  # crop-level, best checkpoint; null without val crops
+        pa.field("untrained", pa.bool_(), nullable=False),  # True: random-init start (tests, demo)
+        pa.field("metrics", pa.string(), nullable=False),  # JSON: curves, dropped countries, wall time
+        pa.field("config", pa.string(), nullable=False),  # JSON: the resolved training config
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+# One row per (evaluation, image, method): flow `evaluate`.
+PREDICTIONS = pa.schema(
+    [
+        pa.field("eval_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # majority | logprob | learned | expert:<group> | ...
+        pa.field("country", pa.string(), nullable=False),  # truth, ISO alpha-2
+        pa.field("predicted", pa.string()),  # null: the method had nothing to go on for this image
+        pa.field("topk", pa.list_(pa.string()), nullable=False),
+        pa.field("topk_score", pa.list_(pa.float32()), nullable=False),  # probabilities (normalised scores)
+        pa.field("crops", pa.int32(), nullable=False),  # crops that voted
+        pa.field("fallback", pa.bool_(), nullable=False),  # True: no crops, the whole-image baseline answered
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+# One row per (evaluation, dataset, method, metric), with a 95% bootstrap CI over images.
+METRICS = pa.schema(
+    [
+        pa.field("eval_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),  # top1 | top5 | continent | coverage | within_2500km | ...
+        pa.field("value", pa.float64()),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("n", pa.int64(), nullable=False),  # images the value is over
+        pa.field("untrained", pa.bool_(), nullable=False),  # True: some expert started from random init
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "quarantine": QUARANTINE,
     "features": FEATURES,
     "segmentations": SEGMENTATIONS,
+    "experts": EXPERTS,
+    "predictions": PREDICTIONS,
+    "metrics": METRICS,
 }
 
 
