@@ -169,3 +169,77 @@ class RunOptions(_Strict):
         if self.num_workers is not None:
             return self.num_workers
         return 0 if device_type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+EXPERT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
+
+
+class TrainSpec(_Strict):
+    """Flow `train-experts`: which experts, on which crops, and how. Everything here except the
+    `device`/`num_workers` knobs is hashed into the run id, so a change trains new experts."""
+
+    checkpoint: str = Field(EXPERT_CHECKPOINT, description="hub id or local directory to fine-tune from "
+                            "(ViT), or `tiny-random` for an UNTRAINED tiny ViT (tests, demo)")
+    tiny_image_size: int = Field(32, ge=8, description="px; input size of the tiny-random ViT")
+    segmenter: str | None = Field(None, description="segmenter id whose crops to train on; default: the "
+                                  "latest segmenter with train crops")
+    datasets: list[str] | None = Field(None, description="training datasets; default: every dataset with train crops")
+    groups: list[str] = Field(["ground", "structure", "vegetation", "vehicle", "furniture"],
+                              description="one expert per feature group")
+    baseline: bool = Field(True, description="also train the whole-image baseline (pseudo-group `image`)")
+    random_crops: bool = Field(False, description="ablation: an expert on random crops matched in number and "
+                               "size to each image's feature crops (pseudo-group `random`)")
+    min_crops_per_country: int = Field(10, ge=1, description="countries with fewer train crops are left out "
+                                       "of that expert's head, and reported")
+    balance: Literal["none", "sqrt", "inverse"] = Field(
+        "sqrt", description="class-balanced sampling: repeat factor ~ count^-1/2 (sqrt) or count^-1 (inverse)")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="debug: stop after this many optimizer steps")
+    max_train_samples: int | None = Field(None, ge=1, description="debug: a fixed random subset of train crops")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of the steps with linear warmup")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_every: int | None = Field(None, ge=1, description="optimizer steps between val evaluations "
+                                   "(and resumable checkpoints); default: once per epoch")
+    patience: int = Field(3, ge=1, description="early stopping: evaluations without a better val accuracy")
+    shuffle_buffer: int = Field(1024, ge=1, description="crops per loader worker shuffled together")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cuda | mps | cpu")
+    num_workers: int | None = Field(None, ge=0, description="loader processes decoding crops; default: 1 on "
+                                    "CPU, min(8, cores - 1) with a GPU")
+
+    @model_validator(mode="after")
+    def _known_groups(self) -> "TrainSpec":
+        from models.labels import GROUPS
+
+        unknown = sorted(set(self.groups) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"groups: unknown {unknown}; expected some of {list(GROUPS)}")
+        return self
+
+    def workers_for(self, device_type: str) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        return 1 if device_type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+    def identity(self) -> dict:
+        """What decides the experts' weights (not where or how fast they train)."""
+        return self.model_dump(exclude={"device", "num_workers"})
+
+
+class EvalSpec(_Strict):
+    """Flow `evaluate`: which experts, on which test sets, and how."""
+
+    datasets: list[str] | None = Field(None, description="datasets whose test split to evaluate; default: all")
+    segmenter: str | None = Field(None, description="default: the segmenter of the latest registered experts")
+    experts_run: str | None = Field(None, description="a `run_id` of the experts view; default: the latest "
+                                    "expert per group for the segmenter")
+    benchmarks: list[str] = Field(["im2gps", "im2gps3k", "demo-im2gps"],
+                                  description="datasets reported in the Table-2 (held-out benchmark) shape")
+    batch_size: int = Field(64, ge=1)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
+    seed: int = 0
+    device: str = "auto"

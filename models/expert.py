@@ -283,7 +283,9 @@ class Expert:
         labels, the resolved run config, the feature snapshot trained on, metrics, created_at), so the
         provenance lives next to the weights and `from_pretrained(directory)` restores this expert offline."""
         from transformers import ViTImageProcessorPil
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per save is noise in flow logs
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         sidecar = {

@@ -109,8 +109,10 @@ def catalog_sql(root: DataRoot) -> str:
     for table in TABLES:
         paths = [root.schema_path(table), *sorted(files[table])]
         listing = ",\n  ".join(_sql_str(p) for p in paths)
+        # features also name their shard file, so a trainer can read crop bytes from it directly
+        extra = ", filename = true" if table == "features" else ""
         lines.append(
-            f"CREATE OR REPLACE VIEW {table}_all AS SELECT * FROM read_parquet([\n  {listing}\n], hive_partitioning = false);"
+            f"CREATE OR REPLACE VIEW {table}_all AS SELECT * FROM read_parquet([\n  {listing}\n], hive_partitioning = false{extra});"
         )
     lines.append(DERIVED_VIEWS.strip())
     return "\n".join(lines) + "\n"

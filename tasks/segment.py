@@ -34,7 +34,7 @@ from storage import sources
 from storage.catalog import connect
 from storage.layout import DataRoot
 from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
-from storage.shards import Output, commit_shard, is_committed
+from storage.shards import Output, commit_shard, is_committed, read_commits
 from tasks.retry import RETRY_DELAYS, retry_transient
 from tasks.validate import BadInput, load_rgb
 
@@ -60,6 +60,15 @@ def segmenter_key(spec: SegmenterSpec, crops: CropSpec) -> str:
     else:
         name = spec.checkpoint.strip("/").replace("/", "--")
     return f"{name}@{spec.revision or 'main'}-{digest}"
+
+
+def segmenter_specs(root: DataRoot, key: str) -> tuple[SegmenterSpec, CropSpec]:
+    """The specs a segmenter id was made from, read back from its completion records."""
+    for record in read_commits(root, STAGE):
+        if record.params.get("segmenter") == key:
+            return (SegmenterSpec.model_validate(record.params["spec"]),
+                    CropSpec.model_validate(record.params["crops"]))
+    raise LookupError(f"segmenter {key!r} has no completed segmentation shard under {root.url}")
 
 
 # ---------------------------------------------------------------- backends
