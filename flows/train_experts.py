@@ -13,18 +13,8 @@ from flows.params import TrainSpec
 from flows.segment import catalog_datasets, ensure_gpu_limit
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.baselines import baseline_shard_task, plan_baselines
+from tasks.baselines import ensure_baselines
 from tasks.train import TINY, default_segmenter, train_expert_task
-
-def make_baselines(root: DataRoot, spec: TrainSpec, segmenter: str, datasets: list[str]) -> dict:
-    """Whole-image and random crops for the pseudo-groups this run trains (and later evaluates)."""
-    kinds = (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
-    plans = [p for kind in kinds for p in plan_baselines(root, kind, datasets, segmenter)]
-    results = [f.result() for f in baseline_shard_task.map(root.url, plans, segmenter)] if plans else []
-    if plans:
-        refresh_catalog(root)
-    return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}
-
 
 @flow(name="train-experts")
 def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None) -> dict:
@@ -35,8 +25,9 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None) -> dic
     if spec.checkpoint == TINY:
         log.warning("experts start from an UNTRAINED tiny random-init ViT: a demo, not the poster's ViT-B/16")
     datasets = catalog_datasets(root)  # baseline crops for every dataset: evaluation needs the test ones too
-    baselines = make_baselines(root, spec, segmenter, datasets)
-    groups = list(spec.groups) + (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
+    kinds = (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
+    baselines = ensure_baselines(root, kinds, datasets, segmenter)
+    groups = list(spec.groups) + kinds
     ensure_gpu_limit()
     futures = [train_expert_task.submit(root.url, spec, g, segmenter) for g in groups]
     results = [f.result() for f in futures]

@@ -209,6 +209,9 @@ class Expert:
                     and [saved[k] for k in sorted(saved, key=int)] != list(labels):
                 log.warning("%s: trained head re-used with different label names/order %s (was %s)",
                             checkpoint, list(labels), [saved[k] for k in sorted(saved, key=int)])
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load is noise in flow logs
         started = time.perf_counter()
         try:
             model = ViTForImageClassification.from_pretrained(

@@ -139,3 +139,14 @@ def make_baseline_shard(root: DataRoot, plan: BaselinePlan, segmenter: str) -> d
       retry_condition_fn=retry_transient, task_run_name="{plan.kind}-crops-{plan.dataset}-{plan.shard_id}")
 def baseline_shard_task(home: str, plan: BaselinePlan, segmenter: str) -> dict:
     return make_baseline_shard(DataRoot(home), plan, segmenter)
+
+
+def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segmenter: str) -> dict:
+    """Make the missing `kinds` crops of `datasets` (one task per shard, inside the calling flow)."""
+    from storage.catalog import refresh_catalog
+
+    plans = [p for kind in kinds for p in plan_baselines(root, kind, datasets, segmenter)]
+    results = [f.result() for f in baseline_shard_task.map(root.url, plans, segmenter)] if plans else []
+    if plans:
+        refresh_catalog(root)
+    return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}

@@ -324,8 +324,8 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
         log.warning("%s: %d countries with enough crops; no expert trained", group, len(sel.labels))
         return {**summary, "skipped": f"{len(sel.labels)} countries with >= {spec.min_crops_per_country} train crops"}
 
-    started = time.perf_counter()
     expert = _start_model(spec, sel.labels, spec.device)
+    expert.untrained = False  # it is being trained; `untrained` in the registry says it started from random init
     device = expert.device
     workers = spec.workers_for(device.type)
     train_set = CropStream(root.url, sel.train, expert.transforms(train=True, seed=spec.seed), train=True,

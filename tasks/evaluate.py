@@ -1,0 +1,268 @@
+"""Evaluate the registered experts on test splits: crops -> each group's expert -> per-image votes.
+
+Methods (one `predictions` row per image and method):
+* `majority` - the poster's vote: the country most crops pick (ties: summed probability);
+* `logprob`  - confidence-weighted: sum of log-probabilities over the crops;
+* `learned`  - logprob with per-group weights fitted on the val split;
+* `expert:<group>` - one expert alone, majority over its crops (`image`: whole-image baseline,
+  `random`: the random-crop ablation).
+The three votes use the feature groups' crops; an image without any falls back to the whole-image
+baseline (`fallback`), and `coverage` says how many had crops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import polars as pl
+
+from flows.params import EvalSpec
+from models.expert import Expert
+from models.labels import GROUPS
+from models.vote import fit_group_weights, logprob_vote, majority_vote, topk
+from storage.catalog import connect
+from storage.layout import DataRoot
+from storage.schema import METRICS, PREDICTIONS, to_table
+from storage.shards import Output, commit_shard, is_committed
+from tasks.baselines import source_key
+from tasks.metrics import coverage_row, image_metrics
+from tasks.train import CropStream, make_loader
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+EVAL_VERSION = "1"
+VOTES = ("majority", "logprob", "learned")
+TOP_K = 5
+
+
+# ---------------------------------------------------------------- which experts
+
+
+def select_experts(root: DataRoot, spec: EvalSpec) -> pl.DataFrame:
+    """The latest registered expert per group (for one segmenter, or one training run)."""
+    con = connect(root, fresh=True)
+    try:
+        experts = con.sql("SELECT * FROM experts ORDER BY created_at DESC").pl()
+    finally:
+        con.close()
+    if spec.experts_run:
+        experts = experts.filter(pl.col("run_id") == spec.experts_run)
+    segmenter = spec.segmenter or (experts.filter(pl.col("group").is_in(GROUPS))["segmenter"].head(1).to_list() or [None])[0]
+    experts = experts.filter(pl.col("segmenter") == segmenter).unique("group", keep="first", maintain_order=True)
+    if experts.is_empty():
+        raise LookupError(f"no registered experts at {root.url}" + (f" for segmenter {segmenter}" if segmenter else "")
+                          + (f" in run {spec.experts_run}" if spec.experts_run else "") + "; run train-experts first")
+    return experts
+
+
+# ---------------------------------------------------------------- crop probabilities
+
+
+@dataclass
+class Crops:
+    """Crops of some images with their expert probabilities over the global country list."""
+
+    frame: pl.DataFrame  # feature_id, image_id, dataset, group, filename
+    probs: np.ndarray  # [n, C]
+
+
+def load_crops(root: DataRoot, segmenter: str, groups: list[str], split: str, datasets: list[str]) -> pl.DataFrame:
+    keys = sorted({source_key(g, segmenter) for g in groups})
+    con = connect(root, fresh=True)
+    try:
+        return con.sql(
+            "SELECT feature_id, image_id, dataset, \"group\", filename FROM features WHERE split = ? "
+            "AND dataset IN (SELECT unnest(?)) AND segmenter IN (SELECT unnest(?)) AND \"group\" IN (SELECT unnest(?)) "
+            "ORDER BY dataset, image_id, feature_id", params=[split, datasets, keys, groups]).pl()
+    finally:
+        con.close()
+
+
+def expert_probs(root: DataRoot, expert: Expert, frame: pl.DataFrame, batch_size: int, workers: int) -> np.ndarray:
+    """[len(frame), expert labels] softmax probabilities, in the frame's row order."""
+    out = np.zeros((frame.height, len(expert.labels)), dtype=np.float32)
+    if frame.is_empty():
+        return out
+    positions = frame.with_row_index("pos").group_by("filename", maintain_order=True).agg("feature_id", "pos")
+    units = [(r["filename"], r["feature_id"], r["pos"]) for r in positions.iter_rows(named=True)]
+    stream = CropStream(root.url, units, expert.transforms(train=False), train=False)
+    for x, pos in make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda"):
+        out[pos.numpy()] = expert.predict_proba(x).numpy()
+    return out
+
+
+def crop_probabilities(root: DataRoot, experts: pl.DataFrame, frame: pl.DataFrame, countries: list[str],
+                       spec: EvalSpec, loaded: dict) -> np.ndarray:
+    """Each crop through its group's expert, mapped onto `countries` (0 for countries its head lacks)."""
+    probs = np.zeros((frame.height, len(countries)), dtype=np.float32)
+    column = {c: i for i, c in enumerate(countries)}
+    for row in experts.iter_rows(named=True):
+        idx = np.flatnonzero((frame["group"] == row["group"]).to_numpy())
+        if not len(idx):
+            continue
+        if row["expert_id"] not in loaded:
+            loaded[row["expert_id"]] = Expert.from_pretrained(row["uri"], device=spec.device)
+        expert = loaded[row["expert_id"]]
+        p = expert_probs(root, expert, frame[idx], spec.batch_size, workers=0 if expert.device.type == "cpu" else 4)
+        probs[np.ix_(idx, [column[c] for c in expert.labels])] = p
+    return probs
+
+
+# ---------------------------------------------------------------- votes
+
+
+def _rank(scores: np.ndarray, countries: list[str]) -> tuple[list[list[str]], list[list[float]]]:
+    idx, val = topk(scores, min(TOP_K, scores.shape[1]))
+    ranked = [[countries[j] for j in row if j >= 0] for row in idx]
+    score = [[float(v) for v, j in zip(vrow, irow) if j >= 0] for vrow, irow in zip(val, idx)]
+    return ranked, score
+
+
+def image_scores(probs: np.ndarray, image_index: np.ndarray, group_index: np.ndarray, n_images: int,
+                 method: str, weights: np.ndarray | None) -> np.ndarray:
+    if method == "majority":
+        return majority_vote(probs, image_index, n_images)
+    return logprob_vote(probs, image_index, n_images, group_index=group_index,
+                        weights=weights if method == "learned" else None)
+
+
+def learn_weights(crops: pl.DataFrame, probs: np.ndarray, truth: dict[str, str], groups: list[str],
+                  countries: list[str]) -> np.ndarray:
+    """Per-group weights fitted on val images (uniform when val has no crops)."""
+    if crops.is_empty():
+        return np.ones(len(groups))
+    images = crops["image_id"].unique(maintain_order=True).to_list()
+    pos = {im: i for i, im in enumerate(images)}
+    column = {c: i for i, c in enumerate(countries)}
+    y = np.array([column.get(truth.get(im, ""), -1) for im in images])
+    return fit_group_weights(probs, np.array([pos[i] for i in crops["image_id"]]),
+                             np.array([groups.index(g) for g in crops["group"]]), y, len(images), len(groups))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def eval_id(experts: pl.DataFrame, spec: EvalSpec, test: pl.DataFrame) -> str:
+    digest = hashlib.sha256(json.dumps([EVAL_VERSION, sorted(experts["expert_id"].to_list()),
+                                        spec.model_dump(exclude={"device", "batch_size", "benchmarks"})]).encode())
+    for fid in test["feature_id"].sort():
+        digest.update(fid.encode())
+    return digest.hexdigest()[:12]
+
+
+def evaluate(root: DataRoot, spec: EvalSpec) -> dict:
+    """Predict every test image of `spec.datasets` and commit `predictions` + `metrics`."""
+    experts = select_experts(root, spec)
+    segmenter = experts["segmenter"][0]
+    con = connect(root, fresh=True)
+    try:
+        images = con.sql(
+            "SELECT image_id, dataset, country, lat, lon FROM images WHERE split = 'test' "
+            "AND (? IS NULL OR dataset IN (SELECT unnest(?))) ORDER BY dataset, image_id", params=[spec.datasets, spec.datasets or []]).pl()
+        val_images = con.sql("SELECT image_id, country FROM images WHERE split = 'val'").pl()
+    finally:
+        con.close()
+    datasets = sorted(images["dataset"].unique().to_list())
+    if not datasets:
+        raise LookupError(f"no test images in {spec.datasets or 'the catalog'} at {root.url}")
+    groups = experts["group"].to_list()
+    vote_groups = [g for g in GROUPS if g in groups]
+    countries = sorted({c for labels in experts["labels"] for c in labels})
+    test = load_crops(root, segmenter, groups, "test", datasets)
+    eid = eval_id(experts, spec, test)
+    untrained = bool(experts["untrained"].any())
+    summary = {"eval_id": eid, "segmenter": segmenter, "datasets": datasets, "experts": experts["expert_id"].to_list(),
+               "untrained": untrained}
+    if all(is_committed(root, STAGE, d, eid) for d in datasets):
+        return {**summary, "cached": True}
+
+    loaded: dict = {}
+    probs = crop_probabilities(root, experts, test, countries, spec, loaded)
+    val = load_crops(root, segmenter, vote_groups, "val", _train_datasets(experts, root))
+    val_probs = crop_probabilities(root, experts, val, countries, spec, loaded)
+    truth_val = dict(zip(val_images["image_id"], val_images["country"]))
+    weights = learn_weights(val, val_probs, truth_val, vote_groups, countries)
+    log.info("learned group weights on %d val crops: %s", val.height,
+             dict(zip(vote_groups, np.round(weights, 3).tolist())))
+
+    now = datetime.now(timezone.utc)
+    for dataset in datasets:
+        imgs = images.filter(pl.col("dataset") == dataset)
+        pred_rows, metric_rows = _evaluate_dataset(eid, dataset, imgs, test, probs, countries, groups,
+                                                   vote_groups, weights, spec, now)
+        for m in metric_rows:
+            m.update(eval_id=eid, dataset=dataset, untrained=untrained, created_at=now)
+        commit_shard(root, STAGE, dataset, eid, [
+            Output("predictions", {"dataset": dataset}, to_table(pred_rows, PREDICTIONS)),
+            Output("metrics", {"dataset": dataset}, to_table(metric_rows, METRICS))],
+            params={"experts": experts["expert_id"].to_list(), "weights": dict(zip(vote_groups, weights.tolist()))})
+    return {**summary, "cached": False, "weights": dict(zip(vote_groups, np.round(weights, 4).tolist()))}
+
+
+def _train_datasets(experts: pl.DataFrame, root: DataRoot) -> list[str]:
+    """The datasets the experts trained on (their config; all datasets when it named none)."""
+    named = {d for cfg in experts["config"] for d in (json.loads(cfg).get("datasets") or [])}
+    if named:
+        return sorted(named)
+    con = connect(root)
+    try:
+        return [r[0] for r in con.sql("SELECT DISTINCT dataset FROM images WHERE split = 'val'").fetchall()]
+    finally:
+        con.close()
+
+
+def _evaluate_dataset(eid, dataset, imgs, test, probs, countries, groups, vote_groups, weights, spec, now):
+    image_ids = imgs["image_id"].to_list()
+    pos = {im: i for i, im in enumerate(image_ids)}
+    mask = (test["dataset"] == dataset).to_numpy()
+    frame, p = test.filter(mask), probs[mask]
+    image_index = np.array([pos[i] for i in frame["image_id"]], dtype=np.int64)
+    truth = imgs["country"].to_list()
+    lat = imgs["lat"].to_numpy().astype(float)
+    lon = imgs["lon"].to_numpy().astype(float)
+    pred_rows, metric_rows = [], []
+
+    def add(method: str, scores: np.ndarray, crops_per_image: np.ndarray, fallback: np.ndarray, subset: np.ndarray):
+        ranked, score = _rank(scores, countries)
+        for i in np.flatnonzero(subset):
+            pred_rows.append({"eval_id": eid, "dataset": dataset, "image_id": image_ids[i], "method": method,
+                              "country": truth[i], "predicted": ranked[i][0] if ranked[i] else None,
+                              "topk": ranked[i], "topk_score": score[i], "crops": int(crops_per_image[i]),
+                              "fallback": bool(fallback[i]), "created_at": now})
+        rows = image_metrics([truth[i] for i in np.flatnonzero(subset)], [ranked[i] for i in np.flatnonzero(subset)],
+                             lat[subset], lon[subset], n_boot=spec.bootstrap, seed=spec.seed)
+        metric_rows.extend({"method": method, **r} for r in rows)
+
+    n = len(image_ids)
+    everyone = np.ones(n, dtype=bool)
+    baseline = None
+    if "image" in groups:
+        sel = (frame["group"] == "image").to_numpy()
+        counts = np.bincount(image_index[sel], minlength=n)
+        baseline = majority_vote(p[sel], image_index[sel], n)
+        add("expert:image", baseline, counts, np.zeros(n, bool), counts > 0)
+        metric_rows.append({"method": "expert:image", **coverage_row(counts > 0, spec.bootstrap, spec.seed)})
+    for g in [g for g in groups if g != "image"]:
+        sel = (frame["group"] == g).to_numpy()
+        counts = np.bincount(image_index[sel], minlength=n)
+        add(f"expert:{g}", majority_vote(p[sel], image_index[sel], n), counts, np.zeros(n, bool), counts > 0)
+        metric_rows.append({"method": f"expert:{g}", **coverage_row(counts > 0, spec.bootstrap, spec.seed)})
+
+    sel = np.isin(frame["group"].to_numpy(), vote_groups)
+    counts = np.bincount(image_index[sel], minlength=n)
+    group_index = np.array([vote_groups.index(g) for g in frame["group"].filter(pl.Series(sel))], dtype=np.int64)
+    covered = counts > 0
+    for method in VOTES:
+        scores = image_scores(p[sel], image_index[sel], group_index, n, method, weights)
+        fallback = ~covered & (baseline is not None)
+        if baseline is not None:
+            scores = np.where(covered[:, None], scores, baseline)
+        add(method, scores, counts, fallback, everyone)
+        metric_rows.append({"method": method, **coverage_row(covered, spec.bootstrap, spec.seed)})
+    return pred_rows, metric_rows
