@@ -8,11 +8,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_source
-from flows.params import CropSpec, DemoSpec, IngestOptions, RunOptions, SegmenterSpec, SourceSpec
+from flows.params import CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunOptions, SegmenterSpec, SourceSpec
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from tasks.demo_world import generate_demo_task
+from tasks.events import emit_features_added
 from tasks.report import catalog_summary, summary_markdown
 
 
@@ -24,12 +25,15 @@ def build_feature_datasets(
     segmenter: SegmenterSpec | None = SegmenterSpec(),
     crops: CropSpec = CropSpec(),
     run: RunOptions = RunOptions(),
+    retrain: RetrainSpec | None = None,
     home: str | None = None,
 ) -> dict:
     """Build the catalog from `sources`, plus the embedded demo world when `demo` is set.
 
-    `segmenter: null` stops after ingest. With `demo` and the annotations segmenter, the
-    demo world's panoptic ground truth is used unless other annotations are given.
+    `segmenter: null` stops after ingest. With `demo` and the annotations segmenter, the demo
+    world's panoptic ground truth is used unless other annotations are given. With `retrain`, a
+    run that adds at least `retrain.min_new_features` crops emits the event that the trigger of
+    `train-experts/<retrain.deployment>` listens for.
     """
     log = get_run_logger()
     root = DataRoot.from_env(home)
@@ -55,4 +59,7 @@ def build_feature_datasets(
     create_table_artifact(stages, key="build-summary", description="what this run did")
     create_markdown_artifact(summary_markdown(tables), key="catalog-summary", description="catalog after this run")
     log.info("catalog at %s: %s", root.url, {t: v.num_rows for t, v in tables.items()})
-    return {"ingested": ingested, "segmented": segmented, "catalog": root.catalog_sql}
+    new = segmented["crops"] if segmented else 0
+    event = emit_features_added(root, new, sorted({s.dataset for s in specs}),
+                                segmented["segmenter"] if segmented else None, retrain)
+    return {"ingested": ingested, "segmented": segmented, "catalog": root.catalog_sql, "retrain_event": event}

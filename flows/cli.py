@@ -94,17 +94,29 @@ def ingest(
     typer.echo(json.dumps(summary, indent=1))
 
 
+def _deployment_params(flow_name: str, deployment: str) -> dict:
+    from flows.deployments import deployment_parameters
+
+    try:
+        return deployment_parameters(flow_name, deployment)
+    except KeyError as exc:
+        _fail(str(exc))
+
+
+def _run_flow(flow, params: dict):
+    """Run a flow in this process; a missing checkpoint or empty catalog is said, not dumped."""
+    try:
+        return flow(**params)
+    except (LookupError, RuntimeError, ValueError, OSError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
 @app.command()
 def build(deployment: str = typer.Argument("demo", help="a deployment name from prefect.yaml")):
     """Run `build-feature-datasets` in this process, with a prefect.yaml deployment's parameters."""
     from flows.build_feature_datasets import build_feature_datasets
-    from flows.deployments import deployment_parameters
 
-    try:
-        params = deployment_parameters("build-feature-datasets", deployment)
-    except KeyError as exc:
-        _fail(str(exc))
-    build_feature_datasets(**params)
+    _run_flow(build_feature_datasets, _deployment_params("build-feature-datasets", deployment))
     summary()
 
 
@@ -114,20 +126,65 @@ def segment(
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", help="datasets (default: all)"),
 ):
     """Run the `segment` flow in this process, with a prefect.yaml deployment's parameters."""
-    from flows.deployments import deployment_parameters
     from flows.segment import segment as segment_flow
 
-    try:
-        params = deployment_parameters("segment", deployment)
-    except KeyError as exc:
-        _fail(str(exc))
+    params = _deployment_params("segment", deployment)
     if dataset:
         params["datasets"] = dataset
+    typer.echo(json.dumps(_run_flow(segment_flow, params), indent=1))
+
+
+@app.command()
+def train(deployment: str = typer.Argument("demo", help="a `train-experts` deployment name from prefect.yaml")):
+    """Run `train-experts` in this process, with a prefect.yaml deployment's parameters."""
+    from flows.train_experts import train_experts
+
+    result = _run_flow(train_experts, _deployment_params("train-experts", deployment))
+    typer.echo(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def evaluate(deployment: str = typer.Argument("demo", help="an `evaluate` deployment name from prefect.yaml")):
+    """Run `evaluate` in this process, with a prefect.yaml deployment's parameters; prints the report."""
+    from flows.evaluate import evaluate_experts
+
+    _run_flow(evaluate_experts, _deployment_params("evaluate", deployment))
+    report()
+
+
+@app.command()
+def report():
+    """Print the latest evaluation report (Tables 1 and 2, the poster's numbers beside ours)."""
+    root = _root()
+    path = root.path("reports", "latest.md")
+    if not root.fs.exists(path):
+        _fail(f"no evaluation report under {root.url} yet; run `geofeat evaluate` (or the evaluate flow)")
+    text = root.fs.cat_file(path).decode()
+    typer.echo(text.split("\n## Figures")[0].rstrip())
+    typer.echo(f"\nreport with figures: {path}")
+
+
+@app.command()
+def predict(
+    images: list[str] = typer.Argument(..., help="image paths or URLs (any fsspec URL)"),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    method: str = typer.Option("logprob", help="logprob (confidence-weighted) | majority (the poster's vote)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    device: str = typer.Option("auto", help="auto | cuda | mps | cpu"),
+):
+    """Predict the country of images with the latest experts and their segmenter."""
+    from tasks.predict import METHODS, Predictor, predictions_text
+
+    if method not in METHODS:
+        _fail(f"--method must be one of {METHODS}, not {method!r}")
     try:
-        result = segment_flow(**params)
-    except Exception as exc:  # a missing checkpoint, a bad label set: say what to do, no traceback
+        predictor = Predictor(_root(), device=device)
+    except (LookupError, RuntimeError, ValueError, OSError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
-    typer.echo(json.dumps(result, indent=1))
+    results = [predictor.predict(uri, top_k=top_k, method=method) for uri in images]
+    typer.echo(json.dumps(results, indent=1) if as_json else predictions_text(results).rstrip())
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()

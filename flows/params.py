@@ -243,3 +243,11 @@ class EvalSpec(_Strict):
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: int = 0
     device: str = "auto"
+
+
+class RetrainSpec(_Strict):
+    """Emit `geofeat.features.added` after a build that added at least `min_new_features` crops; the
+    trigger of deployment `train-experts/<deployment>` (prefect.yaml) listens for it."""
+
+    deployment: str = Field("default", description="the train-experts deployment whose trigger should fire")
+    min_new_features: int = Field(1000, ge=1, description="fewer new crops (a no-op run: 0) emit nothing")

@@ -1,0 +1,118 @@
+"""`geofeat predict`: images (paths or URLs) -> segments -> crops -> experts -> top-k countries.
+
+Uses the latest registered experts and the segmenter they were trained on (its specs are read
+back from the segmentation commit records), so a prediction sees crops cut exactly as in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from flows.params import EvalSpec
+from models.expert import Expert
+from models.labels import GROUPS
+from models.vote import logprob_vote, majority_vote, topk
+from storage import sources
+from storage.layout import DataRoot
+from tasks.evaluate import select_experts
+from tasks.segment import (ImageRef, ShardImages, _collate, _predict, _Batching, cut_crop, label_groups,
+                           load_backend, segmenter_specs, select_segments)
+from tasks.validate import BadInput, load_rgb
+
+METHODS = ("logprob", "majority")
+
+
+def _dataset_for(uri: str, spec) -> str:
+    """An annotations segmenter knows images by dataset; other segmenters ignore it."""
+    for name, ann in spec.annotations.items():
+        root = sources.url_fs(ann.images_root)[1] if "://" in ann.images_root else ann.images_root
+        if sources.url_fs(uri)[1].startswith(str(root).rstrip("/") + "/"):
+            return name
+    return "predict"
+
+
+class Predictor:
+    def __init__(self, root: DataRoot, device: str = "auto", experts_run: str | None = None):
+        self.experts = select_experts(root, EvalSpec(experts_run=experts_run))
+        self.segmenter = self.experts["segmenter"][0]
+        self.seg_spec, self.crop_spec = segmenter_specs(root, self.segmenter)
+        self.device = device
+        self.backend = load_backend(self.seg_spec, device)
+        self.groups = label_groups(self.seg_spec, self.backend)
+        self.models = {r["group"]: Expert.from_pretrained(r["uri"], device=device)
+                       for r in self.experts.iter_rows(named=True)}
+        self.countries = sorted({c for m in self.models.values() for c in m.labels})
+        self.untrained = bool(self.experts["untrained"].any())
+
+    def crops(self, uri: str) -> tuple[list[dict], list[Image.Image]]:
+        ref = ImageRef(image_id="-", dataset=_dataset_for(uri, self.seg_spec), split="test", country="-", source_uri=uri)
+        item = ShardImages([ref], self.seg_spec, self.backend)[0]
+        if "error" in item:
+            raise BadInput(*item["error"])
+        batch = _collate([item])
+        (segments,) = _predict(self.backend, self.seg_spec, batch["good"], batch["pixels"], _Batching(1))
+        image = item["image"].numpy()
+        meta, images = [], []
+        for seg, group, _rank in select_segments(segments or [], self.groups, self.crop_spec):
+            if group in self.models:
+                meta.append({"label": seg.label, "group": group, "bbox": list(seg.bbox), "score": float(seg.score)})
+                images.append(cut_crop(image, seg, self.crop_spec))
+        return meta, images
+
+    def _probs(self, group: str, images: list[Image.Image]) -> np.ndarray:
+        model = self.models[group]
+        p = model.predict_proba(model.transforms(train=False).batch(images)).numpy()
+        out = np.zeros((len(images), len(self.countries)), dtype=np.float32)
+        out[:, [self.countries.index(c) for c in model.labels]] = p
+        return out
+
+    def predict(self, uri: str, top_k: int = 5, method: str = "logprob") -> dict:
+        if not sources.exists(uri):
+            return {"image": uri, "error": "no such file"}
+        try:
+            meta, images = self.crops(uri)
+        except (BadInput, FileNotFoundError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, BadInput) else type(exc).__name__
+            return {"image": uri, "error": f"{reason}: {getattr(exc, 'detail', exc)}"}
+        vote_groups = [g for g in GROUPS if g in self.models]
+        rows = [k for k, m in enumerate(meta) if m["group"] in vote_groups]
+        fallback = not rows
+        if fallback and "image" in self.models:
+            whole = load_rgb(sources.read_bytes(uri))
+            meta, images, rows = [{"label": "whole image", "group": "image", "bbox": [0, 0, *whole.size],
+                                   "score": 1.0}], [whole], [0]
+        if not rows:
+            return {"image": uri, "error": "no crops and no whole-image expert to fall back on"}
+        probs = np.concatenate([self._probs(meta[k]["group"], [images[k]]) for k in rows])
+        index = np.zeros(len(rows), dtype=np.int64)
+        vote = majority_vote if method == "majority" else logprob_vote
+        scores = vote(probs, index, 1)
+        idx, val = topk(scores, min(top_k, len(self.countries)))
+        crops = []
+        for p, k in zip(probs, rows):
+            best = int(np.argmax(p))
+            crops.append({**meta[k], "top_country": self.countries[best], "confidence": round(float(p[best]), 4)})
+        return {"image": uri, "method": method, "segmenter": self.segmenter, "fallback": fallback,
+                "untrained": self.untrained,
+                "top_k": [{"country": self.countries[j], "probability": round(float(v), 4)}
+                          for j, v in zip(idx[0], val[0]) if j >= 0],
+                "crops": crops}
+
+
+def predictions_text(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"{r['image']}")
+        if "error" in r:
+            lines.append(f"  error: {r['error']}")
+            continue
+        if r["untrained"]:
+            lines.append("  (experts started from random init: demo models, not the method)")
+        lines.append(f"  top-{len(r['top_k'])} ({r['method']} vote{', whole-image fallback' if r['fallback'] else ''}):")
+        lines += [f"    {t['country']}  {t['probability']:.3f}" for t in r["top_k"]]
+        table = pl.DataFrame(r["crops"]).select("label", "group", "top_country", "confidence")
+        lines.append(f"  crops that voted ({len(r['crops'])}):")
+        lines += ["    " + "  ".join(f"{v}" for v in row) for row in table.iter_rows()]
+    return "\n".join(lines) + "\n"
