@@ -49,3 +49,19 @@ def test_bad_parameters_are_refused_naming_the_field(params, field):
     flow = load_entrypoint("flows/build_feature_datasets.py:build_feature_datasets")
     with pytest.raises(ParameterTypeError, match=field):
         flow.validate_parameters(params)
+
+
+def test_each_train_deployment_is_triggered_by_its_own_retrain_events():
+    """build-feature-datasets' `retrain.deployment` addresses exactly one train-experts trigger."""
+    from tasks.events import FEATURES_ADDED
+
+    train = [d for d in DEPLOYMENTS if load_entrypoint(d["entrypoint"]).name == "train-experts"]
+    assert {d["name"] for d in train} >= {"default", "demo"}
+    for d in train:
+        (trigger,) = d["triggers"]
+        assert trigger["expect"] == [FEATURES_ADDED] and trigger["posture"] == "Reactive"
+        assert trigger["match"]["geofeat.train-deployment"] == d["name"]
+        flow = load_entrypoint(d["entrypoint"])
+        flow.validate_parameters({**(d.get("parameters") or {}), **{k: "x" for k in trigger["parameters"]}})
+    retrain = deployment_parameters("build-feature-datasets", "default")["retrain"]
+    assert retrain["deployment"] in {d["name"] for d in train}

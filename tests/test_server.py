@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from storage.catalog import query
 from storage.layout import DataRoot
 
 BIN = Path(sys.executable).parent
-SMALL_DEMO = {"demo": {"countries": 2, "per_country": 3, "heldout_per_country": 1, "messy": True}}
+# `retrain` makes the build emit geofeat.features.added, which the trigger of train-experts/demo
+# (prefect.yaml) turns into a training run on the worker.
+SMALL_DEMO = {"demo": {"countries": 2, "per_country": 5, "heldout_per_country": 1, "messy": True},
+              "retrain": {"deployment": "demo", "min_new_features": 10}}
 
 
 def free_port() -> int:
@@ -30,6 +34,23 @@ def run(cmd: list[str], env: dict, timeout: int = 300) -> str:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res.stdout
+
+
+def wait_for_runs(api_url: str, deployment: str, count: int, terminal: bool = False, timeout: float = 300) -> list:
+    """The flow runs of `deployment` once there are `count` (and, with `terminal`, all finished)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        while True:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            if len(runs) >= count and (not terminal or all(r.state.is_final() for r in runs)):
+                return runs
+            assert time.monotonic() < deadline, f"{deployment}: {[(r.name, r.state_name) for r in runs]}"
+            time.sleep(1)
 
 
 @pytest.mark.server
@@ -53,8 +74,20 @@ def test_up_deployment_run_down(tmp_path):
         root = DataRoot(str(home))
         rows = query(root, "SELECT dataset, count(*) AS n FROM images GROUP BY dataset").to_pylist()
         counts = {r["dataset"]: r["n"] for r in rows}
-        assert counts == {"demo": 2 * 3, "demo-im2gps": 2 * 1}
+        assert counts == {"demo": 2 * 5, "demo-im2gps": 2 * 1}
         assert query(root, "SELECT count(*) AS n FROM quarantine").to_pylist()[0]["n"] > 0  # the messy inputs
+        # The trigger: the build added >= 10 crops, so train-experts/demo runs, on the worker.
+        (triggered,) = wait_for_runs(server["api_url"], "train-experts/demo", count=1, terminal=True)
+        assert triggered.state.is_completed(), triggered.state
+        assert triggered.parameters["home"] == str(home)
+        experts = query(root, "SELECT \"group\", untrained FROM experts").to_pylist()
+        assert experts and all(e["untrained"] for e in experts)  # tiny random-init start, and said so
+        # A no-op rebuild adds no crops: no event, no second training run.
+        out = run([str(BIN / "prefect"), "deployment", "run", "build-feature-datasets/demo", "--watch",
+                   "--params", json.dumps(SMALL_DEMO)], run_env, timeout=400)
+        assert "Completed" in out
+        time.sleep(8)  # the trigger fires within ~0.2 s of an event (measured); 8 s is ample
+        assert len(wait_for_runs(server["api_url"], "train-experts/demo", count=1)) == 1
         run([geofeat, "up", "--port", str(port)], env)  # idempotent: reuses the running server
         assert json.loads((home / "prefect" / "run" / "server.json").read_text())["pid"] == server["pid"]
     finally:
