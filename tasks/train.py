@@ -380,14 +380,16 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
         done = state["batches_in_epoch"]  # batches already taken this epoch (resume): skipped unread
         train_set.skip = {w: len(range(w, done, max(1, workers))) * spec.batch_size for w in range(max(1, workers))}
         model.train()
-        micro, losses = 0, []
+        micro = 0
+        loss_sum, loss_n = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for x, y in make_loader(train_set, spec.batch_size, workers, pin):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or torch.autocast("cpu", enabled=False):
                 logits = model(pixel_values=x).logits
             loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
             (loss / spec.grad_accum).backward()
-            losses.append(float(loss))
+            loss_sum += loss.detach()
+            loss_n += 1
             micro += 1
             state["batches_in_epoch"] += 1
             if micro % spec.grad_accum:
@@ -397,11 +399,12 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["loss"] = float(np.mean(losses))
-            losses = []
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 raise RuntimeError(f"stopped after {stop_after_steps} steps (simulated crash)")
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
+                state["loss"] = float(loss_sum) / max(1, loss_n)  # mean train loss since the last evaluation
+                loss_sum.zero_()
+                loss_n = 0
                 stop = evaluate_and_save() or state["step"] >= total_steps
                 model.train()
                 if stop:
@@ -410,6 +413,8 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
             if state["epoch"] >= spec.epochs:
+                if loss_n:
+                    state["loss"] = float(loss_sum) / loss_n
                 stop = evaluate_and_save() or True
     if not os.path.exists(best_dir):
         raise RuntimeError(f"{group}: training ended without a checkpoint in {best_dir}")

@@ -31,3 +31,29 @@ def prefect_harness():
 def root(tmp_path) -> DataRoot:
     return DataRoot(str(tmp_path / "home"))
 
+
+
+# A small demo catalog (annotations segmenter) with tiny experts, shared by the expert tests.
+EXPERT_DEMO = {"seed": 1, "countries": 3, "per_country": 24, "heldout_per_country": 8, "messy": False}
+EXPERT_TRAIN = {"checkpoint": "tiny-random", "groups": ["ground", "furniture"], "random_crops": True,
+                "epochs": 8, "batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05, "min_crops_per_country": 3,
+                "num_workers": 0}
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(prefect_harness, tmp_path_factory) -> DataRoot:
+    from flows.build_feature_datasets import build_feature_datasets
+    from flows.params import CropSpec, DemoSpec, SegmenterSpec
+
+    root = DataRoot(str(tmp_path_factory.mktemp("experts") / "home"))
+    build_feature_datasets(demo=DemoSpec(**EXPERT_DEMO), segmenter=SegmenterSpec(kind="annotations"),
+                           crops=CropSpec(min_area=40), home=root.url)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_demo(demo_catalog) -> tuple[DataRoot, dict]:
+    from flows.params import TrainSpec
+    from flows.train_experts import train_experts
+
+    return demo_catalog, train_experts(TrainSpec(**EXPERT_TRAIN), home=demo_catalog.url)
