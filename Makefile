@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-## Run the main job on the embedded demo world through a real local Prefect server.
+## The whole chain on the embedded demo world, through a real local Prefect server:
+## build the feature catalog -> train the (tiny) experts -> evaluate; prints the report.
 demo: venv
 	$(BIN)/geofeat up --port $(PORT)
-	eval "$$($(BIN)/geofeat env)"; $(BIN)/prefect deployment run build-feature-datasets/demo --watch
+	eval "$$($(BIN)/geofeat env)"; \
+	  $(BIN)/prefect deployment run build-feature-datasets/demo --watch && \
+	  $(BIN)/prefect deployment run train-experts/demo --watch && \
+	  $(BIN)/prefect deployment run evaluate/demo --watch
 	$(BIN)/geofeat summary
+	$(BIN)/geofeat report
 	@echo "Prefect UI: $$($(BIN)/geofeat env --get PREFECT_API_URL | sed 's#/api$$##')   stop it with: $(BIN)/geofeat down"
 
 ## Install and run the whole test suite (CPU, generated data only).
