@@ -8,7 +8,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_source
-from flows.params import CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunOptions, SegmenterSpec, SourceSpec
+from flows.params import CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunnerSpec, RunOptions, SegmenterSpec, SourceSpec
+from flows.runner import use_runner
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
@@ -27,13 +28,15 @@ def build_feature_datasets(
     run: RunOptions = RunOptions(),
     retrain: RetrainSpec | None = None,
     home: str | None = None,
+    runner: RunnerSpec = RunnerSpec(),
 ) -> dict:
     """Build the catalog from `sources`, plus the embedded demo world when `demo` is set.
 
     `segmenter: null` stops after ingest. With `demo` and the annotations segmenter, the demo
     world's panoptic ground truth is used unless other annotations are given. With `retrain`, a
     run that adds at least `retrain.min_new_features` crops emits the event that the trigger of
-    `train-experts/<retrain.deployment>` listens for.
+    `train-experts/<retrain.deployment>` listens for. `runner` picks where the shard tasks run
+    (thread pool, or Dask: docs/dask.md).
     """
     log = get_run_logger()
     root = DataRoot.from_env(home)
@@ -45,10 +48,11 @@ def build_feature_datasets(
             segmenter = segmenter.model_copy(update={"annotations": demo.annotations(world)})
     if not specs:
         raise ValueError("sources: nothing to build; give `sources` (a list of datasets) or `demo: {}`")
-    ingested = [ingest_source(root, spec, options, field=f"sources[{i}]") for i, spec in enumerate(specs)]
     segmented = None
-    if segmenter is not None:
-        segmented = segment_datasets(root, sorted({s.dataset for s in specs}), segmenter, crops, run)
+    with use_runner(runner):
+        ingested = [ingest_source(root, spec, options, field=f"sources[{i}]") for i, spec in enumerate(specs)]
+        if segmenter is not None:
+            segmented = segment_datasets(root, sorted({s.dataset for s in specs}), segmenter, crops, run)
     refresh_catalog(root)
     tables = catalog_summary(root)
     stages = [{"stage": "ingest", "dataset": i["dataset"], "shards": i["shards"], "images": i["images"],

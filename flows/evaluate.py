@@ -10,7 +10,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from flows.params import EvalSpec
+from flows.params import EvalSpec, RunnerSpec
+from flows.runner import run_gpu_task, use_runner
 from flows.segment import ensure_gpu_limit
 from storage.catalog import connect, refresh_catalog
 from storage.layout import DataRoot
@@ -53,7 +54,7 @@ def report_notes(root: DataRoot, result: dict) -> list[str]:
 
 
 @flow(name="evaluate")
-def evaluate_experts(spec: EvalSpec = EvalSpec(), home: str | None = None) -> dict:
+def evaluate_experts(spec: EvalSpec = EvalSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
     refresh_catalog(root)
@@ -66,9 +67,10 @@ def evaluate_experts(spec: EvalSpec = EvalSpec(), home: str | None = None) -> di
     finally:
         con.close()
     kinds = [k for k in ("image", "random") if k in experts["group"].to_list()]
-    ensure_baselines(root, kinds, datasets, segmenter)  # e.g. a benchmark ingested after training
     ensure_gpu_limit()
-    result = evaluate_task(root.url, spec.model_copy(update={"datasets": datasets}))
+    with use_runner(runner):
+        ensure_baselines(root, kinds, datasets, segmenter)  # e.g. a benchmark ingested after training
+        result = run_gpu_task(evaluate_task, root.url, spec.model_copy(update={"datasets": datasets}))
     refresh_catalog(root)
     con = connect(root)
     try:

@@ -9,7 +9,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.logging import get_run_logger
 
-from flows.params import IngestOptions, SourceSpec
+from flows.params import IngestOptions, RunnerSpec, SourceSpec
+from flows.runner import use_runner
 from storage import sources
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
@@ -25,9 +26,11 @@ def check_source(spec: SourceSpec, field: str) -> None:
 
 
 @flow(name="ingest", flow_run_name="ingest-{source.dataset}")
-def ingest(source: SourceSpec, options: IngestOptions = IngestOptions(), home: str | None = None) -> dict:
+def ingest(source: SourceSpec, options: IngestOptions = IngestOptions(), home: str | None = None,
+           runner: RunnerSpec = RunnerSpec()) -> dict:
     """List a source, plan shards of new files, ingest them in parallel, refresh the catalog."""
-    return ingest_source(DataRoot.from_env(home), source, options)
+    with use_runner(runner):
+        return ingest_source(DataRoot.from_env(home), source, options)
 
 
 def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, field: str = "source") -> dict:

@@ -6,7 +6,7 @@ Every field is validated when the model is built; errors name the field and the 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -251,3 +251,65 @@ class RetrainSpec(_Strict):
 
     deployment: str = Field("default", description="the train-experts deployment whose trigger should fire")
     min_new_features: int = Field(1000, ge=1, description="fewer new crops (a no-op run: 0) emit nothing")
+
+
+class RunnerSpec(_Strict):
+    """Where a flow's tasks run (flows/runner.py, docs/dask.md); none of this changes the output.
+
+    `thread`: Prefect's thread pool in the flow's process (the default). `dask`: a Dask cluster
+    through prefect-dask: a running scheduler (`address`), a cluster of `cluster_class` started for
+    the run (dask-kubernetes, dask-jobqueue), or else a LocalCluster of `workers` processes.
+    """
+
+    kind: Literal["thread", "dask"] = Field("thread", description="thread: Prefect's thread pool; dask: prefect-dask")
+    address: str | None = Field(None, pattern=r"^\S+$", description="scheduler of a running Dask cluster, "
+                                "e.g. tcp://10.0.0.5:8786 (its workers need this project and PREFECT_API_URL)")
+    cluster_class: str | None = Field(
+        None, pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", description="import path of a cluster class started "
+        "for the run, e.g. dask_jobqueue.SLURMCluster or dask_kubernetes.operator.KubeCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of "
+                                           "cluster_class (or of the LocalCluster, e.g. memory_limit)")
+    adapt: dict[str, int] | None = Field(None, description="adaptive scaling of a cluster started for the run: "
+                                         "cluster.adapt(**adapt), e.g. {minimum: 0, maximum: 20}")
+    workers: int | None = Field(None, ge=1, description="LocalCluster worker processes; default: Dask's (per core)")
+    threads_per_worker: int = Field(1, ge=1, description="LocalCluster threads per worker process")
+    worker_resources: dict[str, float] | None = Field(
+        None, description="resources every LocalCluster worker offers; default {<gpu_resource>: <gpu_amount>}: "
+        "local workers share this machine's GPU (the `gpu` concurrency slot still guards it)")
+    gpu_resource: str | None = Field("GPU", pattern=r"^[A-Za-z_][\w.-]*$", description="Dask resource that "
+                                     "segmentation and training tasks need; null: they run on any worker")
+    gpu_amount: float = Field(1, gt=0, description="how much of gpu_resource one such task takes")
+    worker_timeout: float = Field(60, gt=0, description="s to wait for a worker offering gpu_resource before "
+                                  "failing (raise it while batch jobs queue)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunnerSpec":
+        if self.kind == "thread":
+            unused = sorted(self.model_fields_set - {"kind"})
+            if unused:
+                raise ValueError(f"runner.{unused[0]}: only used with kind: dask; set kind: dask or drop it")
+            return self
+        if "asynchronous" in self.cluster_kwargs:
+            raise ValueError("runner.cluster_kwargs.asynchronous: prefect-dask manages it; remove it")
+        if self.address and self.cluster_class:
+            raise ValueError("runner.cluster_class: give `address` (a running cluster) or `cluster_class` "
+                             "(one started for the run), not both")
+        if self.address or self.cluster_class:
+            given = "address" if self.address else "cluster_class"
+            local = sorted(self.model_fields_set & {"workers", "threads_per_worker", "worker_resources"})
+            if local:
+                raise ValueError(f"runner.{local[0]}: configures the LocalCluster only; with `{given}` the "
+                                 "workers are configured where they start (cluster_kwargs, `dask worker` options)")
+            if self.address and (self.cluster_kwargs or self.adapt):
+                raise ValueError(f"runner.{'adapt' if self.adapt else 'cluster_kwargs'}: unused with `address` "
+                                 "(a running cluster is configured where it runs)")
+            return self
+        for key, field in (("n_workers", "workers"), ("threads_per_worker", "threads_per_worker"),
+                           ("resources", "worker_resources")):
+            if key in self.cluster_kwargs:
+                raise ValueError(f"runner.cluster_kwargs.{key}: set runner.{field} instead")
+        if self.gpu_resource and self.worker_resources is not None \
+                and self.worker_resources.get(self.gpu_resource, 0) < self.gpu_amount:
+            raise ValueError(f"runner.worker_resources: offers no {self.gpu_resource}={self.gpu_amount:g}, so "
+                             f"segmentation and training could never run; add it or set gpu_resource: null")
+        return self

@@ -14,7 +14,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
-from flows.params import CropSpec, RunOptions, SegmenterSpec
+from flows.params import CropSpec, RunnerSpec, RunOptions, SegmenterSpec
+from flows.runner import gpu_tasks, use_runner
 from storage.catalog import connect, refresh_catalog
 from storage.layout import DataRoot
 from tasks.quality import checks_markdown, quality_checks
@@ -53,10 +54,12 @@ def segment(
     crops: CropSpec = CropSpec(),
     run: RunOptions = RunOptions(),
     home: str | None = None,
+    runner: RunnerSpec = RunnerSpec(),
 ) -> dict:
     """Segment `datasets` (default: every dataset in the catalog) and check the result."""
     root = DataRoot.from_env(home)
-    return segment_datasets(root, datasets or catalog_datasets(root), segmenter, crops, run)
+    with use_runner(runner):
+        return segment_datasets(root, datasets or catalog_datasets(root), segmenter, crops, run)
 
 
 def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec, crops: CropSpec,
@@ -77,9 +80,10 @@ def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec,
         update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
 
     # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
-    # `run.concurrent_shards` shard tasks in flight; they share this process's model.
+    # `run.concurrent_shards` shard tasks in flight; they share this process's model (on Dask:
+    # each worker's model, and only workers offering the runner's GPU resource take them).
     active = []
-    with concurrency(GPU_LIMIT, occupy=1):
+    with concurrency(GPU_LIMIT, occupy=1), gpu_tasks(submits=bool(plans)):
         for plan in plans:
             if len(active) >= run.concurrent_shards:
                 done = next(as_completed(active))

@@ -9,7 +9,8 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.params import TrainSpec
+from flows.params import RunnerSpec, TrainSpec
+from flows.runner import gpu_tasks, use_runner
 from flows.segment import catalog_datasets, ensure_gpu_limit
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
@@ -17,7 +18,7 @@ from tasks.baselines import ensure_baselines
 from tasks.train import TINY, default_segmenter, train_expert_task
 
 @flow(name="train-experts")
-def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None) -> dict:
+def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
     refresh_catalog(root)
@@ -26,11 +27,13 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None) -> dic
         log.warning("experts start from an UNTRAINED tiny random-init ViT: a demo, not the poster's ViT-B/16")
     datasets = catalog_datasets(root)  # baseline crops for every dataset: evaluation needs the test ones too
     kinds = (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
-    baselines = ensure_baselines(root, kinds, datasets, segmenter)
     groups = list(spec.groups) + kinds
     ensure_gpu_limit()
-    futures = [train_expert_task.submit(root.url, spec, g, segmenter) for g in groups]
-    results = [f.result() for f in futures]
+    with use_runner(runner):
+        baselines = ensure_baselines(root, kinds, datasets, segmenter)
+        with gpu_tasks():
+            futures = [train_expert_task.submit(root.url, spec, g, segmenter) for g in groups]
+        results = [f.result() for f in futures]
     refresh_catalog(root)
     rows = [{"group": r["group"], "expert": r["expert_id"], "status": "cached" if r.get("cached") else
              r.get("skipped") or "trained", "countries": r["countries"], "train_crops": r["train_crops"],
