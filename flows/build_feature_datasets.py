@@ -14,6 +14,7 @@ from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from tasks.demo_world import generate_demo_task
+from tasks.check import integrity_gate_task
 from tasks.events import emit_features_added
 from tasks.report import catalog_summary, summary_markdown
 
@@ -54,6 +55,7 @@ def build_feature_datasets(
         if segmenter is not None:
             segmented = segment_datasets(root, sorted({s.dataset for s in specs}), segmenter, crops, run)
     refresh_catalog(root)
+    integrity_gate_task(root.url)  # fails the run on a broken catalog, before any retraining event
     tables = catalog_summary(root)
     stages = [{"stage": "ingest", "dataset": i["dataset"], "shards": i["shards"], "images": i["images"],
                "quarantined": i["quarantined"], "crops": None} for i in ingested]

@@ -230,6 +230,35 @@ def refresh():
 
 
 @app.command()
+def check(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Check the catalog's integrity (leaks across splits, stale crops, orphans, uncommitted shards).
+
+    Exit code 0 when every check passes, 1 when any fails."""
+    from tasks.check import integrity_checks
+
+    root = _root()
+    try:
+        present = root.fs.exists(root.url)
+    except OSError as exc:  # e.g. a bucket that does not exist
+        _fail(str(exc))
+    if not present:
+        _fail(f"no catalog at {root.url}; set GEOFEAT_HOME to a data root")
+    checks = integrity_checks(root)
+    if as_json:
+        typer.echo(json.dumps([{"name": c.name, "passed": c.passed, "detail": c.detail,
+                                "rows": c.table.to_pylist() if c.table is not None else []} for c in checks],
+                              indent=1, default=str))
+    else:
+        typer.echo(f"catalog: {root.url}")
+        for c in checks:  # plain lines: file paths and details are too long for a table
+            typer.secho(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}", fg=None if c.passed else "red")
+            for row in (c.table.to_pylist() if not c.passed and c.table is not None else []):
+                typer.echo("      " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    if not all(c.passed for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
 def up(port: int = typer.Option(4200, help="server port on 127.0.0.1")):
     """Start a local Prefect server, work pool, deployments and worker (idempotent)."""
     from flows import server

@@ -90,7 +90,7 @@ class Transforms:
             img = img.convert("RGB")
         s = int(self.size)
         if self.train:
-            rng = np.random.default_rng((int(self.seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF))
+            rng = np.random.default_rng((int(self.seed) & 0xFFFFFFFF, int(index)))  # index: any int >= 0
             box = self._random_box(img.width, img.height, rng)
         else:
             rng = None

@@ -7,14 +7,25 @@ so a missing checkpoint fails at once with a message that says what to do.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import posixpath
 import re
+import shutil
+import tempfile
+import uuid
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.sources import url_fs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+REMOTE_CACHE = "geofeat-remote-checkpoints"  # under the temp dir: local copies of remote checkpoints
 
 
 def _env_true(name: str) -> bool:
@@ -42,11 +53,48 @@ def hub_cache_dir() -> str | None:
     return None
 
 
+def mirror_checkpoint(url: str, field: str, error: type[Exception]) -> str:
+    """A local copy of the checkpoint directory at a remote URL (s3://, gs://, ...): from_pretrained
+    reads local directories only. Cached per URL and content (every file's name, size and ETag or
+    mtime): an unchanged checkpoint is fetched once, a changed one again. Fetched into a temp
+    folder and renamed, so a killed download never passes for a checkpoint."""
+    fs, path = url_fs(url)
+    path = path.rstrip("/")
+    try:
+        files = {p: i for p, i in fs.find(path, detail=True).items() if i.get("type") != "directory"}
+    except OSError as exc:
+        raise error(f"could not list checkpoint '{url}' ({type(exc).__name__}: {exc}); check {field}, "
+                    "the endpoint and the credentials (docs/object-storage.md)") from exc
+    if not files:
+        raise error(f"checkpoint '{url}' does not exist (no files under it); set {field} to a folder "
+                    "holding config.json + model.safetensors")
+    rels = {p: posixpath.relpath(p, path) for p in files}
+    stamp = sorted((rels[p], i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified")))
+                   for p, i in files.items())
+    key = hashlib.sha256(json.dumps([url, stamp]).encode()).hexdigest()[:20]
+    local = os.path.join(tempfile.gettempdir(), REMOTE_CACHE, key)
+    if os.path.isdir(local):
+        return local
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.get(list(files), [os.path.join(tmp, *rels[p].split("/")) for p in files])
+        os.rename(tmp, local)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(local):  # else another process finished the same copy first
+            raise
+    return local
+
+
 def resolve_checkpoint(checkpoint: str, field: str, error: type[Exception],
                        revision: str | None = None) -> tuple[str, bool, dict[str, Any]]:
     """(path to pass to from_pretrained, is it a local dir, hub kwargs); raises `error` early for
-    a path that does not exist or a local directory without safetensors weights."""
+    a path that does not exist or a local directory without safetensors weights. A URL
+    (s3://bucket/checkpoints/x/best) is copied to a local cache first."""
     expanded = os.path.expanduser(checkpoint)
+    if "://" in checkpoint:
+        fs, path = url_fs(checkpoint)
+        expanded = path if isinstance(fs, LocalFileSystem) else mirror_checkpoint(checkpoint, field, error)
     local = os.path.isdir(expanded)
     if not local and (not HUB_REPO_ID.fullmatch(checkpoint) or checkpoint.startswith((".", "~", "/"))):
         raise error(f"checkpoint directory '{checkpoint}' does not exist (it is not a local directory, nor a hub id). "

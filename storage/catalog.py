@@ -7,7 +7,9 @@ can run `duckdb -init $GEOFEAT_HOME/catalog.sql`.
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 
 import duckdb
 import pyarrow as pa
@@ -84,14 +86,21 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _read(root: DataRoot, path: str) -> bytes | None:
+    """A small file's bytes, None if missing: one request on an object store (no exists + read)."""
+    try:
+        return root.fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
 def _write_schema_files(root: DataRoot) -> None:
     """Empty Parquet files carrying each schema: views stay valid and typed with no data."""
     for name, schema in TABLES.items():
         path = root.schema_path(name)
-        if root.fs.exists(path):
-            with root.fs.open(path, "rb") as f:
-                if pq.read_schema(f).equals(schema, check_metadata=False):
-                    continue
+        data = _read(root, path)
+        if data is not None and pq.read_schema(pa.BufferReader(data)).equals(schema, check_metadata=False):
+            continue
         atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
 
 
@@ -123,7 +132,7 @@ def refresh_catalog(root: DataRoot) -> str:
     _write_schema_files(root)
     sql = catalog_sql(root)
     data = sql.encode()
-    if root.fs.exists(root.catalog_sql) and root.fs.cat_file(root.catalog_sql) == data:
+    if _read(root, root.catalog_sql) == data:
         return sql  # a no-op run rewrites nothing
     atomic_write(root, root.catalog_sql, lambda f: f.write(data))
     log.info("catalog refreshed: %s", root.catalog_sql)
@@ -134,7 +143,53 @@ class QueryRefused(ValueError):
     """A statement that would write, change settings or read outside the catalog."""
 
 
-ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+# Query nodes that only read; DuckDB 2 also parses COPY/INSERT/UPDATE/DELETE nodes inside CTEs.
+READ_ONLY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+# FROM-clause functions a read-only query may call: readers (DuckDB confines their files to the
+# catalog's folders), generators and introspection. Not `query()` or `json_execute_serialized_sql()`,
+# which run SQL hidden in a string, nor the ones that change state (checkpoint, logging, resources).
+TABLE_FUNCTIONS = {
+    "read_parquet", "parquet_scan", "parquet_metadata", "parquet_file_metadata", "parquet_kv_metadata",
+    "parquet_schema", "read_csv", "read_csv_auto", "read_json", "read_json_auto", "read_ndjson",
+    "read_ndjson_auto", "read_json_objects", "read_ndjson_objects", "read_text", "read_blob", "glob", "sniff_csv",
+    "range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree", "query_table",
+    "histogram", "histogram_values", "duckdb_columns", "duckdb_constraints", "duckdb_databases", "duckdb_functions",
+    "duckdb_keywords", "duckdb_schemas", "duckdb_settings", "duckdb_tables", "duckdb_types", "duckdb_views",
+    "pragma_table_info", "pragma_show", "pragma_version",
+}
+
+
+FS_WRITE_METHODS = ("mkdir", "makedirs", "rm", "rm_file", "mv", "copy", "cp_file", "touch", "pipe_file", "put")
+
+
+def _refuse(*_args, **_kwargs):
+    raise PermissionError("the catalog is read-only")
+
+
+def _duckdb_fs(root: DataRoot, read_only: bool):
+    """The filesystem DuckDB reads a remote root through: a private instance of the root's.
+
+    Its listing cache holds one listing of each table folder, taken after the view SQL was
+    read (so it has every file the views name): DuckDB asks for each file's existence, size
+    and mtime several times per query, answered from memory instead of a HEAD request each.
+    read_only: every write method refuses, so DuckDB cannot write even under the table
+    folders that `allowed_directories` opens for reading."""
+    fs = type(root.fs)(**{**root.fs.storage_options, "use_listings_cache": True, "skip_instance_cache": True})
+    present = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root.url, detail=False)}
+    for folder in present & {*TABLES, "_schema"}:
+        fs.find(root.path(folder))
+    if read_only:
+        read_open = fs.open
+
+        def open_for_reading(path, mode="rb", *args, **kwargs):
+            if set(mode) - set("rbt"):
+                _refuse()
+            return read_open(path, mode, *args, **kwargs)
+
+        fs.open = open_for_reading
+        for name in FS_WRITE_METHODS:
+            setattr(fs, name, _refuse)
+    return fs
 
 
 def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False) -> duckdb.DuckDBPyConnection:
@@ -143,42 +198,110 @@ def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False) -> 
     `fresh` builds the views from the completion records now (for planners: nothing is
     written); otherwise from catalog.sql. With read_only, the database itself is locked
     down: file access only under the catalog's table folders, no extension install/load,
-    and the configuration locked.
+    and the configuration locked. On a remote root the same settings hold for the
+    registered fsspec filesystem (docs/object-storage.md).
     """
     if fresh:
         _write_schema_files(root)
         sql = catalog_sql(root)
     else:
-        if not root.fs.exists(root.catalog_sql):
-            refresh_catalog(root)
-        sql = root.fs.cat_file(root.catalog_sql).decode()
-    con = duckdb.connect()
+        data = _read(root, root.catalog_sql)
+        sql = refresh_catalog(root) if data is None else data.decode()
+    # Never install or load an extension: offline that fails, and a remote root is read through
+    # the registered fsspec filesystem, never httpfs (parquet, json and icu are built in).
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if not root.is_local:
-        con.register_filesystem(root.fs)
+        con.register_filesystem(_duckdb_fs(root, read_only))
     con.execute(sql)
     if read_only:
-        dirs = [root.path(t) + "/" for t in TABLES] + [root.path("_schema") + "/"]
-        con.execute("SET autoinstall_known_extensions = false")
-        con.execute("SET autoload_known_extensions = false")
-        con.execute("SET allowed_directories = ?", [dirs])
+        dirs = {root.path(t) + "/" for t in [*TABLES, "_schema"]}
+        if not root.is_local:  # also as the registered filesystem spells them (memory:///x, s3:// for s3a://)
+            dirs |= {root.fs.unstrip_protocol(root.fs._strip_protocol(d)) + "/" for d in dirs}
+        con.execute("SET allowed_directories = ?", [sorted(dirs)])
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
 
 
-def check_read_only(sql: str) -> str:
-    """Accept exactly one SELECT/EXPLAIN statement; anything else is refused with the reason."""
+def _one_statement(sql: str) -> duckdb.Statement:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
         raise QueryRefused(f"could not parse the query: {exc}") from exc
     if len(statements) != 1:
         raise QueryRefused(f"exactly one statement is allowed, got {len(statements)}")
-    kind = statements[0].type
-    if kind not in ALLOWED_STATEMENTS:
-        raise QueryRefused(
-            f"{kind.name} statements are refused: the catalog is read-only (SELECT or EXPLAIN only)"
-        )
+    return statements[0]
+
+
+def _kind(statement: duckdb.Statement) -> str:
+    try:
+        return statement.type.name
+    except ValueError:  # a statement type this duckdb's Python enum does not name (UPDATE EXTENSIONS)
+        return "UNRECOGNISED"
+
+
+def _explained(sql: str) -> str:
+    """The statement inside `EXPLAIN [ANALYZE | (options)] <statement>`."""
+    tokens = duckdb.tokenize(sql)
+    spans = [(pos, sql[pos:tokens[i + 1][0] if i + 1 < len(tokens) else len(sql)].strip())
+             for i, (pos, kind) in enumerate(tokens) if kind != duckdb.token_type.comment]
+    i = 1  # spans[0] is EXPLAIN
+    if i < len(spans) and spans[i][1].upper() in ("ANALYZE", "ANALYSE"):
+        i += 1
+    elif i < len(spans) and spans[i][1].startswith("("):
+        depth = 0
+        while i < len(spans):
+            depth += spans[i][1].count("(") - spans[i][1].count(")")
+            i += 1
+            if depth <= 0:
+                break
+    return sql[spans[i][0]:] if i < len(spans) else ""
+
+
+def _check_tree(sql: str) -> None:
+    """Walk DuckDB's own parse tree of a SELECT: a COPY/INSERT/UPDATE/DELETE in a CTE
+    (`WITH x AS (COPY ... TO ...) SELECT 1`) or a FROM function outside TABLE_FUNCTIONS is refused."""
+    con = duckdb.connect()  # parse only: nothing is bound or run here
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    finally:
+        con.close()
+    if tree.get("error"):
+        raise QueryRefused(f"could not verify that the query only reads: {tree.get('error_message')}")
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if isinstance(kind, str) and kind.endswith("_NODE") and kind not in READ_ONLY_NODES:
+            raise QueryRefused(f"{kind.removesuffix('_NODE').removesuffix('_QUERY')} inside a query is refused: "
+                               "the catalog is read-only")
+        if kind == "TABLE_FUNCTION":
+            function = str(node["function"].get("function_name", "")).lower()
+            if function not in TABLE_FUNCTIONS:
+                raise QueryRefused(f"FROM {function}(...) is refused: the read-only catalog allows only readers, "
+                                   "generators and introspection functions in FROM (query() and friends run SQL "
+                                   "hidden in a string)")
+        stack.extend(node.values())
+
+
+def check_read_only(sql: str) -> str:
+    """Accept exactly one SELECT (or EXPLAIN of one) that only reads; anything else is refused
+    with the reason. DuckDB's own parser decides, never string matching."""
+    statement = _one_statement(sql)
+    kind = _kind(statement)
+    if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: it must pass like a bare one
+        inner = _one_statement(_explained(statement.query))
+        if _kind(inner) != "SELECT":
+            raise QueryRefused(f"EXPLAIN {_kind(inner)} is refused: EXPLAIN a SELECT only")
+        statement, kind = inner, "SELECT"
+    if kind != "SELECT":
+        raise QueryRefused(f"{kind} statements are refused: the catalog is read-only (SELECT or EXPLAIN only)")
+    _check_tree(statement.query)
     return sql
 
 

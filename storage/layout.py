@@ -10,6 +10,8 @@ from functools import cached_property
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.sources import url_fs
+
 ENV_HOME = "GEOFEAT_HOME"
 DEFAULT_HOME = "geofeat-data"  # relative to the working directory
 
@@ -34,11 +36,23 @@ class DataRoot:
 
     @cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.url)[0]
+        """Endpoint and credentials as for every URL geofeat opens (storage.sources.url_fs).
+
+        On an object store the bucket must exist: s3fs' makedirs would otherwise create a
+        bucket named by a typo in GEOFEAT_HOME."""
+        fs, path = url_fs(self.url)
+        split = getattr(fs, "split_path", None)  # object stores (s3fs, gcsfs, adlfs): (bucket, key, version)
+        if split is not None and not fs.exists(split(path)[0]):
+            raise FileNotFoundError(
+                f"data root {self.url}: bucket '{split(path)[0]}' does not exist or cannot be reached with these "
+                "credentials and endpoint; create it first (geofeat never creates buckets). "
+                "See docs/object-storage.md")
+        return fs
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, LocalFileSystem)
+        """From the URL alone: no filesystem (and no network call) needed."""
+        return issubclass(fsspec.get_filesystem_class(fsspec.utils.get_protocol(self.url)), LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         """A full URL (or absolute local path) under the root."""

@@ -4,14 +4,21 @@ A shard counts as done only when its completion record exists. Files are written
 temporary name and renamed; the record is written last. A crash at any point leaves
 either nothing visible or files without a record, which a rerun overwrites with the
 same deterministic content.
+
+Every storage operation (temp write, rename, record write, record read) is retried on
+transient errors with a short exponential backoff (`retry_io`); the shard task's own
+retries are the second line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import posixpath
+import random
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +31,34 @@ from storage.layout import DataRoot
 log = logging.getLogger(__name__)
 
 ROW_GROUP_SIZE = 128 * 1024  # rows; metadata tables are narrow, so large groups scan fast
+IO_ATTEMPTS = 5  # tries per storage operation
+IO_BACKOFF_S = (0.05, 2.0)  # first delay, cap; doubled after each failed try (with jitter)
+
+# Not transient: retrying cannot make a missing file appear, fix a permission or free a disk.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                       FileExistsError)
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A transient I/O error (network, timeout, flaky store) that a retry may get past."""
+    if isinstance(exc, PERMANENT_OS_ERRORS) or getattr(exc, "errno", None) in PERMANENT_ERRNOS:
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+def retry_io(op, *args, what: str, **kwargs):
+    """`op(*args, **kwargs)`, retried up to IO_ATTEMPTS times on transient errors."""
+    delay = IO_BACKOFF_S[0]
+    for attempt in range(1, IO_ATTEMPTS + 1):
+        try:
+            return op(*args, **kwargs)
+        except Exception as exc:
+            if attempt == IO_ATTEMPTS or not is_transient(exc):
+                raise
+            log.warning("%s: %s: %s; retry %d/%d", what, type(exc).__name__, exc, attempt, IO_ATTEMPTS - 1)
+            time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: parallel writers do not retry in step
+            delay = min(2 * delay, IO_BACKOFF_S[1])
 
 
 @dataclass(frozen=True)
@@ -63,26 +98,68 @@ def _writer_alive(tmp_name: str) -> bool:
     return True
 
 
-def atomic_write(root: DataRoot, path: str, write) -> None:
-    """Write via `write(fileobj)` to a temp name next to `path`, then rename into place.
-
-    Temp files left by a killed writer (its pid is gone) are removed; a concurrent live
-    writer's temp file is left alone."""
-    fs = root.fs
-    folder, name = posixpath.split(path)
+def _sweep_dead_temps(fs, folder: str, name: str) -> None:
     fs.makedirs(folder, exist_ok=True)
-    for entry in fs.ls(folder, detail=False):
+    try:
+        entries = fs.ls(folder, detail=False)
+    except FileNotFoundError:  # an object store has no empty folders: nothing to sweep
+        return
+    for entry in entries:
         base = posixpath.basename(entry)
         if base.startswith(f"{name}.tmp-") and not _writer_alive(base):
             fs.rm(entry)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _discard(fs, tmp: str) -> None:
+    """Remove a temp file, best effort: a leftover is invisible and swept by the next writer."""
+    try:
+        retry_io(lambda: fs.exists(tmp) and fs.rm(tmp), what=f"remove {tmp}")
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        log.warning("could not remove %s: %s", tmp, exc)
+
+
+def _write_temp(fs, tmp: str, write) -> int:
+    """One attempt: write the whole temp file; a failed attempt removes what it wrote."""
     try:
         with fs.open(tmp, "wb") as f:
             write(f)
-        fs.mv(tmp, path)
+            size = f.tell()
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        _discard(fs, tmp)
+        raise
+    return size
+
+
+def _rename(fs, tmp: str, path: str, size: int) -> None:
+    """Move the temp file into place, retried; idempotent, as a failed try may have moved it
+    before failing (a lost reply): then the temp is gone and `path` has its size."""
+    tried = False
+
+    def attempt() -> None:
+        nonlocal tried
+        if tried and not fs.exists(tmp) and fs.exists(path) and fs.size(path) == size:
+            return
+        tried = True
+        fs.mv(tmp, path)
+
+    retry_io(attempt, what=f"rename to {path}")
+
+
+def atomic_write(root: DataRoot, path: str, write) -> None:
+    """Write via `write(fileobj)` to a temp name next to `path`, then rename into place.
+
+    `write` may be called more than once (each try starts a fresh temp file). Temp files
+    left by a killed writer (its pid is gone) are removed; a concurrent live writer's temp
+    file is left alone. On failure nothing is left at `path` or in a temp file."""
+    fs = root.fs
+    folder, name = posixpath.split(path)
+    retry_io(_sweep_dead_temps, fs, folder, name, what=f"prepare {folder}")
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    size = retry_io(_write_temp, fs, tmp, write, what=f"write {tmp}")
+    try:
+        _rename(fs, tmp, path, size)
+    except BaseException:
+        _discard(fs, tmp)
         raise
 
 
@@ -95,7 +172,8 @@ def write_parquet_atomic(root: DataRoot, table: pa.Table, path: str) -> None:
 
 
 def is_committed(root: DataRoot, stage: str, dataset: str, shard_id: str) -> bool:
-    return root.fs.exists(root.commit_path(stage, dataset, shard_id))
+    path = root.commit_path(stage, dataset, shard_id)
+    return retry_io(root.fs.exists, path, what=f"check {path}")
 
 
 def commit_shard(
@@ -140,4 +218,5 @@ def read_commits(root: DataRoot, stage: str = "*") -> list[CommitRecord]:
     paths = sorted(p for p in fs.find(top) if p.endswith(".json") and ".tmp-" not in p)
     if not paths:
         return []
-    return [CommitRecord(**json.loads(fs.cat_file(p))) for p in paths]  # cat_file: no glob expansion
+    # cat_file: no glob expansion
+    return [CommitRecord(**json.loads(retry_io(fs.cat_file, p, what=f"read {p}"))) for p in paths]

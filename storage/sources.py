@@ -34,8 +34,19 @@ def _mtime(info: dict) -> float | None:
     return None
 
 
+# Listings are never cached: a listing cached earlier in a long-lived process (a worker, a
+# flow that both writes and plans) would hide objects written since, by any process.
+FS_OPTIONS = {"use_listings_cache": False}
+
+
 def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url)
+    """The filesystem and path of a URL: the one place geofeat opens a filesystem.
+
+    Credentials and endpoints come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    ...) and from fsspec's own configuration (FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3='{...}', or
+    ~/.config/fsspec/*.json), which fsspec applies to every filesystem it creates: see
+    docs/object-storage.md."""
+    return fsspec.core.url_to_fs(url, **FS_OPTIONS)
 
 
 def exists(url: str) -> bool:
@@ -78,8 +89,7 @@ def read_csv(url: str) -> pl.DataFrame:
     """A CSV with every column as a string: 'NA' is Namibia, not a missing value.
 
     A malformed CSV is a configuration error naming the file, not a parser traceback."""
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
+    data = read_bytes(url)
     try:
         return pl.read_csv(io.BytesIO(data), infer_schema=False)
     except pl.exceptions.PolarsError as exc:

@@ -92,7 +92,7 @@ def expert_probs(root: DataRoot, expert: Expert, frame: pl.DataFrame, batch_size
     positions = frame.with_row_index("pos").group_by("filename", maintain_order=True).agg("feature_id", "pos")
     units = [(r["filename"], r["feature_id"], r["pos"]) for r in positions.iter_rows(named=True)]
     stream = CropStream(root.url, units, expert.transforms(train=False), train=False)
-    for x, pos in make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda"):
+    for x, pos, _ in make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda"):
         out[pos.numpy()] = expert.predict_proba(x).numpy()
     return out
 

@@ -141,12 +141,16 @@ def repeat_factors(labels: np.ndarray, balance: str) -> np.ndarray:
 
 
 class CropStream(IterableDataset):
-    """(pixels, label) from crop bytes in the catalog's Parquet files.
+    """(pixels, label, worker) from crop bytes in the catalog's Parquet files.
 
-    Files are dealt to workers in an order drawn from (seed, epoch); each worker reads one row
-    group at a time (only `feature_id` and `crop`), keeps the selected rows, repeats each by its
-    class repeat factor (train), and yields through a shuffle buffer. `skip` drops the first
-    samples of each worker's stream unread (resuming mid-epoch)."""
+    Each epoch, the files' selected rows are cut into pieces and dealt to the workers by size (an
+    order drawn from (seed, epoch)), so workers get equal shares; each worker reads one row group
+    at a time (only `feature_id` and `crop`), keeps its rows, repeats each by its class repeat
+    factor (train) and yields through a shuffle buffer. `skip` (worker -> samples) drops the
+    first samples of each worker's stream undecoded: resuming mid-epoch replays nothing, since
+    the trainer counts what each worker delivered (the `worker` item)."""
+
+    PIECES_PER_WORKER = 4  # finer pieces balance better; each costs one more read of its row group
 
     def __init__(self, home: str, units: list[tuple[str, list[str], list[int]]], transforms: Transforms, *,
                  train: bool, balance: str = "none", shuffle_buffer: int = 1024, seed: int = 0):
@@ -169,15 +173,28 @@ class CropStream(IterableDataset):
     def __len__(self) -> int:
         return self.crops
 
-    def _rows(self, worker: int, workers: int):
-        fs = DataRoot(self.home).fs
-        order = np.arange(len(self.units))
+    def deal(self, workers: int) -> list[list[tuple[int, slice]]]:
+        """Per worker, the (unit, row slice) pieces it reads this epoch: largest piece to the least
+        loaded worker. Deterministic for (seed, epoch, workers)."""
+        size = max(1, math.ceil(self.crops / (workers * self.PIECES_PER_WORKER)))
+        pieces = [(u, slice(k, k + size)) for u, (_, ids, _) in enumerate(self.units) for k in range(0, len(ids), size)]
         if self.train:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.units))
-        for u in order[worker::workers]:
+            pieces = [pieces[i] for i in np.random.default_rng((self.seed, self.epoch)).permutation(len(pieces))]
+        else:  # eval: keep file order; workers still get equal shares
+            pieces = sorted(pieces, key=lambda p: (p[0], p[1].start))
+        load, out = [0] * workers, [[] for _ in range(workers)]
+        for u, sl in sorted(pieces, key=lambda p: -len(self.units[p[0]][1][p[1]])):
+            w = int(np.argmin(load))
+            out[w].append((u, sl))
+            load[w] += len(self.units[u][1][sl])
+        return out
+
+    def _rows(self, pieces: list[tuple[int, slice]]):
+        fs = DataRoot(self.home).fs
+        for u, sl in pieces:
             path, ids, labels = self.units[u]
-            wanted = dict(zip(ids, zip(labels, self.factors[u])))
-            rng = np.random.default_rng((self.seed, self.epoch, int(u)))
+            wanted = dict(zip(ids[sl], zip(labels[sl], self.factors[u][sl])))
+            rng = np.random.default_rng((self.seed, self.epoch, u, sl.start))
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 for rg in range(pf.num_row_groups):
@@ -194,8 +211,11 @@ class CropStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pieces = self.deal(workers)[worker]
         rng = np.random.default_rng((self.seed, self.epoch, 10_000 + worker))
         skip = self.skip.get(worker, 0)
+        share = sum(len(self.units[u][1][sl]) for u, sl in pieces)
+        capacity = max(1, min(self.shuffle_buffer, share // 2))  # a small share is not read whole before yielding
         buffer: list[tuple[bytes, int]] = []
         n = 0
 
@@ -207,10 +227,11 @@ class CropStream(IterableDataset):
             data, label = item
             img = Image.open(io.BytesIO(data))
             img.draft("RGB", (self.transforms.size, self.transforms.size))  # JPEG: decode at a reduced scale
-            return self.transforms(img.convert("RGB"), index=(self.epoch << 24) + n), label
+            index = (self.epoch << 40) + (worker << 32) + n  # a distinct augmentation per sample, worker, epoch
+            return self.transforms(img.convert("RGB"), index=index), label, worker
 
-        for item in self._rows(worker, workers):
-            if len(buffer) < self.shuffle_buffer:
+        for item in self._rows(pieces):
+            if len(buffer) < capacity:
                 buffer.append(item)
                 continue
             j = int(rng.integers(len(buffer)))
@@ -293,7 +314,7 @@ def _start_model(spec: TrainSpec, labels: list[str], device: str) -> Expert:
 def evaluate_crops(expert: Expert, loader: DataLoader) -> tuple[float | None, int]:
     correct = total = 0
     expert.model.eval()
-    for x, y in loader:
+    for x, y, _ in loader:
         pred = expert.logits(x).argmax(-1)
         correct += int((pred == y).sum())
         total += len(y)
@@ -345,10 +366,14 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(spec.warmup_ratio * total_steps), total_steps)
     local = _local_dir(root, eid)
     last_dir, best_dir = f"{local}/last", f"{local}/best"
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best": None, "best_step": 0, "bad_evals": 0,
-             "curve": [], "wall_s": 0.0}
+    # consumed: samples each loader worker delivered this epoch (what a resume skips)
+    state = {"step": 0, "epoch": 0, "consumed": {}, "workers": workers, "best": None, "best_step": 0,
+             "bad_evals": 0, "curve": [], "wall_s": 0.0}
     if os.path.exists(f"{last_dir}/trainer_state.json"):
         state = _load_state(last_dir, model, optimizer, scheduler)
+        if state["workers"] != workers:  # the data order depends on the worker count: keep the run's
+            log.warning("%s: resuming with the run's %d loader workers (not %d)", group, state["workers"], workers)
+            workers = state["workers"]
         log.info("%s: resumed at step %d (epoch %d)", group, state["step"], state["epoch"])
         summary["resumed_at_step"] = state["step"]
 
@@ -377,12 +402,14 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
     stop = state["step"] >= total_steps or state["bad_evals"] >= spec.patience
     while not stop:
         train_set.epoch = state["epoch"]
-        done = state["batches_in_epoch"]  # batches already taken this epoch (resume): skipped unread
-        train_set.skip = {w: len(range(w, done, max(1, workers))) * spec.batch_size for w in range(max(1, workers))}
+        train_set.skip = {int(w): n for w, n in state["consumed"].items()}  # resume: skipped undecoded
+        consumed = torch.zeros(max(1, workers), dtype=torch.int64)
+        for w, n in train_set.skip.items():
+            consumed[w] = n
         model.train()
         micro = 0
         loss_sum, loss_n = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for x, y in make_loader(train_set, spec.batch_size, workers, pin):
+        for x, y, source in make_loader(train_set, spec.batch_size, workers, pin):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or torch.autocast("cpu", enabled=False):
                 logits = model(pixel_values=x).logits
@@ -391,7 +418,7 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
             loss_sum += loss.detach()
             loss_n += 1
             micro += 1
-            state["batches_in_epoch"] += 1
+            consumed += torch.bincount(source, minlength=len(consumed))
             if micro % spec.grad_accum:
                 continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -399,6 +426,7 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            state["consumed"] = {w: int(n) for w, n in enumerate(consumed.tolist())}
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 raise RuntimeError(f"stopped after {stop_after_steps} steps (simulated crash)")
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
@@ -411,7 +439,7 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
                     break
         if not stop:
             state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            state["consumed"] = {}
             if state["epoch"] >= spec.epochs:
                 if loss_n:
                     state["loss"] = float(loss_sum) / loss_n
@@ -428,7 +456,8 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter: str, *,
         json.dump(best_sidecar, f, indent=2, default=str)
     uri = root.path("checkpoints", eid, "best")
     if not root.is_local:
-        root.fs.put(best_dir, uri, recursive=True)
+        # trailing slashes: copy the contents; a retried upload must not nest a second best/ inside
+        root.fs.put(f"{best_dir}/", f"{uri}/", recursive=True)
     row = {"expert_id": eid, "run_id": run_id(spec, segmenter), "group": group, "segmenter": segmenter, "uri": uri,
            "base_checkpoint": spec.checkpoint, "labels": sel.labels, "snapshot": sel.snapshot,
            "train_crops": sel.train_crops, "val_crops": sel.val_crops, "steps": state["step"],

@@ -91,21 +91,25 @@ def _orientation(img: Image.Image) -> int:
         raise BadInput("bad_exif", f"{type(exc).__name__}: {exc}") from exc
 
 
-def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
-    """Fully decode the image once (cheaply) to prove it is usable; return its oriented size."""
-    img = _open(data, max_pixels)
-    fmt = img.format or "UNKNOWN"
-    orientation = _orientation(img)
-    w, h = img.size
-    if fmt == "JPEG":
-        # DCT-domain downscale: still reads every byte (so truncation is caught) at ~1/8 the cost.
-        img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+def _load(img: Image.Image) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInput("truncated", f"{type(exc).__name__}: {exc}") from exc
+
+
+def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Fully decode the image once (cheaply) to prove it is usable; return its oriented size."""
+    img = _open(data, max_pixels)
+    fmt = img.format or "UNKNOWN"
+    w, h = img.size
+    if fmt == "JPEG":
+        # DCT-domain downscale: still reads every byte (so truncation is caught) at ~1/8 the cost.
+        img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+    _load(img)
+    orientation = _orientation(img)  # after the load: a PNG's EXIF read would load (and fail) first
     if orientation in _TRANSPOSED:
         w, h = h, w
     return ImageInfo(width=w, height=h, format=fmt)
@@ -114,6 +118,7 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
 def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode to an upright 8-bit RGB image (CMYK, L, P, RGBA, 16-bit all handled)."""
     img = _open(data, max_pixels)
+    _load(img)
     _orientation(img)
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

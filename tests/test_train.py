@@ -54,8 +54,10 @@ def test_crop_stream_reads_each_crop_once_across_workers(demo_catalog):
     stream = CropStream(root.url, units, Transforms(size=16), train=False)
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(stream, batch_size=8, num_workers=workers)
-        seen = torch.cat([y for _, y in loader]).tolist()
+        seen = torch.cat([y for _, y, _ in loader]).tolist()
         assert sorted(seen) == list(range(sel.train_crops))
+    shares = [sum(len(units[u][1][sl]) for u, sl in pieces) for pieces in stream.deal(3)]
+    assert sum(shares) == sel.train_crops and max(shares) - min(shares) <= sel.train_crops / 12 + 1  # balanced
 
 
 def test_train_stream_order_is_seeded_and_resumable(demo_catalog):
@@ -63,13 +65,13 @@ def test_train_stream_order_is_seeded_and_resumable(demo_catalog):
     sel = select_crops(root, TrainSpec(checkpoint="tiny-random"), "furniture", seg)
     stream = CropStream(root.url, sel.train, Transforms(size=16, train=True), train=True, balance="sqrt",
                         shuffle_buffer=32, seed=3)
-    first = [(x, int(y)) for x, y in stream]
-    again = [(x, int(y)) for x, y in stream]
+    first = [(x, int(y)) for x, y, _ in stream]
+    again = [(x, int(y)) for x, y, _ in stream]
     assert [y for _, y in first] == [y for _, y in again] and all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
     stream.epoch = 1
-    assert [y for _, y in stream] != [y for _, y in first]  # a new epoch, a new order
+    assert [int(y) for _, y, _ in stream] != [y for _, y in first]  # a new epoch, a new order
     stream.epoch, stream.skip = 0, {0: 10}
-    assert [y for _, y in stream] == [y for _, y in first][10:]  # resuming skips what was consumed
+    assert [int(y) for _, y, _ in stream] == [y for _, y in first][10:]  # resuming skips what was consumed
 
 
 def test_trained_experts_are_registered_with_provenance(trained_demo):
@@ -96,9 +98,10 @@ def test_trained_experts_are_registered_with_provenance(trained_demo):
     assert all(e["cached"] for e in again["experts"])
 
 
-def test_crash_mid_training_resumes_from_the_last_checkpoint(demo_catalog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crash_mid_training_resumes_from_the_last_checkpoint(demo_catalog, workers):
     root, seg = demo_catalog, segmenter_of(demo_catalog)
-    spec = TrainSpec(**{**EXPERT_TRAIN, "seed": 7, "epochs": 3, "eval_every": 2})
+    spec = TrainSpec(**{**EXPERT_TRAIN, "seed": 7 + workers, "epochs": 3, "eval_every": 2, "num_workers": workers})
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_expert(root, spec, "ground", seg, stop_after_steps=5)
     resumed = train_expert(root, spec, "ground", seg)
