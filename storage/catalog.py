@@ -81,6 +81,15 @@ CREATE OR REPLACE VIEW predictions AS SELECT * FROM predictions_all;
 CREATE OR REPLACE VIEW metrics AS SELECT * FROM metrics_all;
 """
 
+# `feature_meta`: the `features` view without the crop bytes, compacted into one file sorted by
+# (segmenter, dataset, group, country) whenever the catalog changes. Metadata queries at a million
+# crops then read one small file instead of joining thousands of shard footers to `images`
+# (benchmarks/catalog_queries.py). Planners (fresh views) get the same columns from the live view.
+META_COLUMNS = ('feature_id, image_id, dataset, split, country, label, "group", score, bbox, area, '
+                "crop_width, crop_height, segmenter, untrained, created_at, filename")
+META_QUERY = f'SELECT {META_COLUMNS} FROM features ORDER BY segmenter, dataset, "group", country, feature_id'
+INDEX_DIR = "_index"
+
 
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
@@ -104,8 +113,13 @@ def _write_schema_files(root: DataRoot) -> None:
         atomic_write(root, path, lambda f, s=schema: pq.write_table(s.empty_table(), f))
 
 
-def catalog_sql(root: DataRoot) -> str:
-    """The view definitions over every committed shard, as one SQL script."""
+def meta_path(root: DataRoot) -> str:
+    return root.path(INDEX_DIR, "feature_meta.parquet")
+
+
+def catalog_sql(root: DataRoot, *, index: bool = False) -> str:
+    """The view definitions over every committed shard, as one SQL script (`index`: `feature_meta`
+    reads the compacted file that refresh_catalog writes; else it is a live view)."""
     files: dict[str, list[str]] = {name: [] for name in TABLES}
     for record in read_commits(root):
         for table, rels in record.files.items():
@@ -124,16 +138,32 @@ def catalog_sql(root: DataRoot) -> str:
             f"CREATE OR REPLACE VIEW {table}_all AS SELECT * FROM read_parquet([\n  {listing}\n], hive_partitioning = false{extra});"
         )
     lines.append(DERIVED_VIEWS.strip())
+    meta = f"SELECT * FROM read_parquet({_sql_str(meta_path(root))})" if index else META_QUERY
+    lines.append(f"CREATE OR REPLACE VIEW feature_meta AS {meta};")
     return "\n".join(lines) + "\n"
+
+
+def _write_feature_meta(root: DataRoot) -> None:
+    """Compact the live `feature_meta` query into one Parquet file (atomically)."""
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        if not root.is_local:
+            con.register_filesystem(root.fs)
+        con.execute(catalog_sql(root))
+        table = con.sql(META_QUERY).to_arrow_table()
+    finally:
+        con.close()
+    atomic_write(root, meta_path(root), lambda f: pq.write_table(table, f, compression="zstd", row_group_size=1 << 20))
 
 
 def refresh_catalog(root: DataRoot) -> str:
     """Rewrite catalog.sql from the completion records (only if it changed); returns the SQL."""
     _write_schema_files(root)
-    sql = catalog_sql(root)
+    sql = catalog_sql(root, index=True)
     data = sql.encode()
-    if _read(root, root.catalog_sql) == data:
+    if _read(root, root.catalog_sql) == data and root.fs.exists(meta_path(root)):
         return sql  # a no-op run rewrites nothing
+    _write_feature_meta(root)  # before catalog.sql: the views never name a missing file
     atomic_write(root, root.catalog_sql, lambda f: f.write(data))
     log.info("catalog refreshed: %s", root.catalog_sql)
     return sql
@@ -176,7 +206,7 @@ def _duckdb_fs(root: DataRoot, read_only: bool):
     folders that `allowed_directories` opens for reading."""
     fs = type(root.fs)(**{**root.fs.storage_options, "use_listings_cache": True, "skip_instance_cache": True})
     present = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root.url, detail=False)}
-    for folder in present & {*TABLES, "_schema"}:
+    for folder in present & {*TABLES, "_schema", INDEX_DIR}:
         fs.find(root.path(folder))
     if read_only:
         read_open = fs.open
@@ -214,7 +244,7 @@ def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False) -> 
         con.register_filesystem(_duckdb_fs(root, read_only))
     con.execute(sql)
     if read_only:
-        dirs = {root.path(t) + "/" for t in [*TABLES, "_schema"]}
+        dirs = {root.path(t) + "/" for t in [*TABLES, "_schema", INDEX_DIR]}
         if not root.is_local:  # also as the registered filesystem spells them (memory:///x, s3:// for s3a://)
             dirs |= {root.fs.unstrip_protocol(root.fs._strip_protocol(d)) + "/" for d in dirs}
         con.execute("SET allowed_directories = ?", [sorted(dirs)])

@@ -199,3 +199,19 @@ def test_a_reingested_file_replaces_its_row_and_relabels_its_features(root):
     assert con.sql("SELECT country FROM images WHERE source_uri = '/g50/France/x.jpg'").fetchall() == [("ES",)]
     assert con.sql("SELECT count(*) FROM quarantine").fetchall() == [(0,)]  # no self-duplicate, no stale row
     assert con.sql("SELECT country FROM features").fetchall() == [("ES",)]
+
+
+def test_feature_meta_is_the_features_view_without_crops(demo_catalog):
+    from storage.catalog import META_COLUMNS, meta_path, refresh_catalog
+
+    root = demo_catalog
+    refresh_catalog(root)
+    con = connect(root)
+    compact = con.sql("SELECT * FROM feature_meta ORDER BY feature_id").fetchall()
+    live = con.sql(f"SELECT {META_COLUMNS} FROM features ORDER BY feature_id").fetchall()
+    assert compact == live and len(compact) > 100
+    assert "crop" not in [c[0] for c in con.sql("DESCRIBE feature_meta").fetchall()]
+    before = os.stat(meta_path(root)).st_mtime_ns
+    refresh_catalog(root)  # nothing changed: nothing rewritten
+    assert os.stat(meta_path(root)).st_mtime_ns == before
+    assert query(root, 'SELECT "group", count(*) AS n FROM feature_meta GROUP BY 1').num_rows >= 2  # read-only OK
