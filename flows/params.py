@@ -189,6 +189,8 @@ class TrainSpec(_Strict):
     baseline: bool = Field(True, description="also train the whole-image baseline (pseudo-group `image`)")
     random_crops: bool = Field(False, description="ablation: an expert on random crops matched in number and "
                                "size to each image's feature crops (pseudo-group `random`)")
+    baseline_shard_size: int = Field(256, ge=1, le=100_000, description="images per whole-image / random-crop "
+                                     "task (raise it for millions of images: fewer tasks and files)")
     min_crops_per_country: int = Field(10, ge=1, description="countries with fewer train crops are left out "
                                        "of that expert's head, and reported")
     balance: Literal["none", "sqrt", "inverse"] = Field(
@@ -227,7 +229,7 @@ class TrainSpec(_Strict):
 
     def identity(self) -> dict:
         """What decides the experts' weights (not where or how fast they train)."""
-        return self.model_dump(exclude={"device", "num_workers"})
+        return self.model_dump(exclude={"device", "num_workers", "baseline_shard_size"})
 
 
 class EvalSpec(_Strict):

@@ -30,7 +30,7 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
     groups = list(spec.groups) + kinds
     ensure_gpu_limit()
     with use_runner(runner):
-        baselines = ensure_baselines(root, kinds, datasets, segmenter)
+        baselines = ensure_baselines(root, kinds, datasets, segmenter, spec.baseline_shard_size)
         with gpu_tasks():
             futures = [train_expert_task.submit(root.url, spec, g, segmenter) for g in groups]
         results = [f.result() for f in futures]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import uuid
 
 import duckdb
 import pyarrow as pa
@@ -144,16 +146,22 @@ def catalog_sql(root: DataRoot, *, index: bool = False) -> str:
 
 
 def _write_feature_meta(root: DataRoot) -> None:
-    """Compact the live `feature_meta` query into one Parquet file (atomically)."""
+    """Compact the live `feature_meta` query into one Parquet file: DuckDB streams it (the sort
+    spills to disk), so memory stays bounded at any catalog size; then an atomic rename."""
+    path = meta_path(root)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    root.fs.makedirs(posixpath.dirname(path), exist_ok=True)
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         if not root.is_local:
             con.register_filesystem(root.fs)
         con.execute(catalog_sql(root))
-        table = con.sql(META_QUERY).to_arrow_table()
+        con.execute(f"COPY ({META_QUERY}) TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1048576)")
+        root.fs.mv(tmp, path)
     finally:
         con.close()
-    atomic_write(root, meta_path(root), lambda f: pq.write_table(table, f, compression="zstd", row_group_size=1 << 20))
+        if root.fs.exists(tmp):
+            root.fs.rm(tmp)
 
 
 def refresh_catalog(root: DataRoot) -> str:

@@ -141,11 +141,12 @@ def baseline_shard_task(home: str, plan: BaselinePlan, segmenter: str) -> dict:
     return make_baseline_shard(DataRoot(home), plan, segmenter)
 
 
-def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segmenter: str) -> dict:
+def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segmenter: str,
+                     shard_size: int = 256) -> dict:
     """Make the missing `kinds` crops of `datasets` (one task per shard, inside the calling flow)."""
     from storage.catalog import refresh_catalog
 
-    plans = [p for kind in kinds for p in plan_baselines(root, kind, datasets, segmenter)]
+    plans = [p for kind in kinds for p in plan_baselines(root, kind, datasets, segmenter, shard_size)]
     results = [f.result() for f in baseline_shard_task.map(root.url, plans, segmenter)] if plans else []
     if plans:
         refresh_catalog(root)
