@@ -1,10 +1,15 @@
 """The Dask task runner (flows/runner.py, docs/dask.md): RunnerSpec validation, the GPU resource
-annotation, and `build-feature-datasets` on a 2-worker LocalCluster against a real local Prefect
-server producing exactly the catalog of the thread runner."""
+annotation, and `build-feature-datasets` on a 2-worker LocalCluster producing exactly the catalog
+of the thread runner, its workers reporting to the session's Prefect server (a process of its own
+on 127.0.0.1, reached over HTTP like `geofeat up`'s).
+
+One Prefect API per process: Prefect keeps process-wide services (the concurrency-slot service,
+EventsWorker) bound to the API they first talked to, so a second server entered with
+`temporary_settings` after the session's harness took `gpu` slots on one server and released them
+on the other; the leaked 300 s lease then blocked the next run's segmentation."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -87,8 +92,11 @@ def gpu_and_cpu_workers():
 
     workers = {name: {"cls": Worker, "options": {"nthreads": 1, "name": name, "resources": res}}
                for name, res in (("gpu-worker", {"GPU": 1}), ("cpu-worker", {}))}
-    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}}, workers=workers) as cluster:
+    cluster = SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}}, workers=workers)
+    try:
         yield cluster.scheduler_address
+    finally:
+        cluster.close(timeout=30)  # a stuck close fails the teardown instead of hanging the session
 
 
 def _routing_flow():
@@ -147,48 +155,49 @@ def _catalog(root) -> dict:
 
 
 @pytest.fixture
-def prefect_server(tmp_path):
-    """A real local Prefect server (SQLite under tmp_path), in its own process group."""
-    from test_server import free_port
+def new_children():
+    """The child processes started since the test began (the LocalCluster's nannies and workers;
+    not multiprocessing's resource tracker, which stays for the session). Any still alive at the
+    end are killed, so a test that fails mid-build never leaves the session waiting on them."""
+    import psutil
 
-    from flows import env as prefect_env
-    from flows.server import BIN, STARTUP_TIMEOUT, _alive, _healthy, _reap, _spawn, _stop
-    from storage.layout import DataRoot
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
 
-    port = free_port()
-    env = {**os.environ, **prefect_env.prefect_env(DataRoot(str(tmp_path / "server")))}
-    env.pop("PREFECT_API_URL", None)
-    Path(env["PREFECT_HOME"]).mkdir(parents=True)
-    pid = _spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 tmp_path / "server.log", env)
-    api_url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _healthy(api_url):
-            _reap(pid)  # a server that exited is not left as a zombie that looks alive
-            assert _alive(pid) and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield api_url
-    finally:
-        _stop(pid)
+    def started() -> list[psutil.Process]:
+        found = []
+        for p in me.children(recursive=True):
+            try:
+                if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    yield started
+    left = started()
+    for p in left:
+        p.kill()
+    psutil.wait_procs(left, timeout=10)
 
 
-@pytest.mark.server
-def test_dask_build_matches_the_thread_build(prefect_server, tmp_path, monkeypatch):
+@pytest.mark.server  # starts a scheduler and 2 worker processes; against the session's server
+def test_dask_build_matches_the_thread_build(prefect_harness, new_children, tmp_path, monkeypatch):
     import dask
+    import psutil
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL
     from prefect_dask import DaskTaskRunner
 
     from flows.build_feature_datasets import build_feature_datasets
     from storage.layout import DataRoot
 
-    submitted = []  # (task name, dask annotations) of every task handed to Dask, seen in this process
+    submitted = []  # (task name, dask annotations, the workers' PREFECT_API_URL) of every task handed to Dask
     submit = DaskTaskRunner.submit
 
     def spy(self, task, *args, **kwargs):
-        submitted.append((task.name, dask.get_annotations()))
+        submitted.append((task.name, dask.get_annotations(), self.cluster_kwargs["env"]["PREFECT_API_URL"]))
         return submit(self, task, *args, **kwargs)
 
     monkeypatch.setattr(DaskTaskRunner, "submit", spy)
@@ -197,16 +206,17 @@ def test_dask_build_matches_the_thread_build(prefect_server, tmp_path, monkeypat
     demo = DemoSpec(countries=2, per_country=4, heldout_per_country=1, messy=True, out=str(tmp_path / "world"))
     runners = {"thread": RunnerSpec(), "dask": RunnerSpec(kind="dask", workers=2)}
     results = {}
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        for name, runner in runners.items():
-            started = time.monotonic()
-            results[name] = build_feature_datasets(demo=demo, segmenter=SegmenterSpec(kind="annotations"),
-                                                   crops=CropSpec(min_area=40), home=str(tmp_path / name),
-                                                   runner=runner, return_state=True)
-            print(f"{name}: {time.monotonic() - started:.1f} s")
-        with get_client(sync_client=True) as client:
-            dask_run = results["dask"].state_details.flow_run_id
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[dask_run])))
+    for name, runner in runners.items():
+        started = time.monotonic()
+        results[name] = build_feature_datasets(demo=demo, segmenter=SegmenterSpec(kind="annotations"),
+                                               crops=CropSpec(min_area=40), home=str(tmp_path / name),
+                                               runner=runner, return_state=True)
+        print(f"{name}: {time.monotonic() - started:.1f} s")
+    # Leaving use_runner closed the LocalCluster: no worker process outlives the flow run.
+    assert not psutil.wait_procs(new_children(), timeout=15)[1]
+    with get_client(sync_client=True) as client:
+        dask_run = results["dask"].state_details.flow_run_id
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[dask_run])))
 
     thread, dask_out = (_catalog(DataRoot(str(tmp_path / name))) for name in runners)
     assert thread["features"] and thread["images"] and thread["quarantine"]
@@ -216,10 +226,12 @@ def test_dask_build_matches_the_thread_build(prefect_server, tmp_path, monkeypat
     assert built["segmented"]["crops"] == len(thread["features"]) > 0
 
     # The shard tasks ran on Dask, segmentation asked for a GPU worker, ingest did not, and the
-    # workers reported their task runs to the real server (not to temporary servers of their own).
+    # workers, started with the flow's API URL, reported their task runs to this session's server
+    # (not to temporary servers of their own).
     shards = {"ingest-shard": sum(i["shards"] for i in built["ingested"]), "segment-shard": built["segmented"]["shards"]}
-    assert sorted(n for n, _ in submitted) == sorted(n for n, k in shards.items() for _ in range(k))
-    assert {n: a.get("resources") for n, a in submitted} == {"ingest-shard": None, "segment-shard": {"GPU": 1}}
+    assert sorted(n for n, _, _ in submitted) == sorted(n for n, k in shards.items() for _ in range(k))
+    assert {n: a.get("resources") for n, a, _ in submitted} == {"ingest-shard": None, "segment-shard": {"GPU": 1}}
+    assert {url.rstrip("/") for _, _, url in submitted} == {PREFECT_API_URL.value().rstrip("/")}
     on_server = [t for t in task_runs if t.name.startswith(("ingest-demo", "segment-demo"))]
     assert len(on_server) == len(submitted) and all(t.state_name == "Completed" for t in on_server)
     assert Path(tmp_path / "dask" / "catalog.sql").exists()
