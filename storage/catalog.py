@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from storage.layout import DataRoot
 from storage.schema import TABLES
-from storage.shards import atomic_write, read_commits
+from storage.shards import atomic_write, read_commits, retry_io
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,21 @@ def _write_feature_meta(root: DataRoot) -> None:
     spills to disk), so memory stays bounded at any catalog size; then an atomic rename."""
     path = meta_path(root)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    root.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    retry_io(root.fs.makedirs, posixpath.dirname(path), exist_ok=True, what=f"prepare {path}")
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         if not root.is_local:
             con.register_filesystem(root.fs)
         con.execute(catalog_sql(root))
         con.execute(f"COPY ({META_QUERY}) TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1048576)")
-        root.fs.mv(tmp, path)
+        retry_io(root.fs.mv, tmp, path, what=f"rename to {path}")  # transient storage errors, like shards
     finally:
         con.close()
-        if root.fs.exists(tmp):
-            root.fs.rm(tmp)
+        try:
+            if root.fs.exists(tmp):
+                root.fs.rm(tmp)
+        except OSError:  # best effort: a leftover temp is invisible to the views
+            pass
 
 
 def refresh_catalog(root: DataRoot) -> str:

@@ -43,7 +43,7 @@ def test_every_test_image_gets_one_prediction_per_method(evaluated):
 
 def test_metrics_have_cis_and_the_vote_beats_chance(evaluated):
     root, result = evaluated
-    m = pl.from_arrow(connect(root).execute("SELECT * FROM metrics WHERE eval_id = ?", [result["eval_id"]]).to_arrow_table())
+    m = connect(root).sql("SELECT * FROM metrics WHERE eval_id = ?", params=[result["eval_id"]]).pl()
     top1 = m.filter(pl.col("metric") == "top1")
     assert (top1["ci_low"] <= top1["value"]).all() and (top1["value"] <= top1["ci_high"]).all()
     assert set(m["metric"]) >= {"top1", "top5", "continent", "coverage", "within_2500km", "within_750km"}
