@@ -38,7 +38,6 @@ DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
 SIDECAR = "geofeat_expert.json"  # written by `save`: untrained flag, labels, provenance
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # ViT (in21k) normalisation; used when a checkpoint has no processor config
 DEFAULT_STD = (0.5, 0.5, 0.5)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _warned_untrained: set[str] = set()
 
 

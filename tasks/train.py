@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flows.params import TrainSpec
-from models.expert import Expert, Transforms, resolve_device
+from models.expert import Expert, Transforms
 from storage.catalog import connect
 from storage.layout import DataRoot
 from storage.schema import EXPERTS, to_table
