@@ -43,14 +43,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from flows.params import CropSpec, SegmenterSpec  # noqa: E402
+from tasks.specs import CropSpec, SegmenterSpec  # noqa: E402
 from models.labels import GROUPS, load_label_map  # noqa: E402
 from storage.catalog import connect, refresh_catalog  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
 from storage.schema import CROP, FEATURES, IMAGES, SEGMENTATIONS  # noqa: E402
 from storage.shards import Output, commit_shard  # noqa: E402
 from tasks.geo import country_from_code  # noqa: E402
-from tasks.segment import feature_id, segmenter_key  # noqa: E402
+from tasks.segment import feature_id, segmenter_id  # noqa: E402
 from tasks.splits import split_of  # noqa: E402
 
 # G50-like skew: US first at 24%, then the usual GeoGuessr coverage countries.
@@ -95,7 +95,7 @@ class Synth:
         # each crop lands on a random image: exactly `rows` crops, ~Poisson(crops_per_image) per image
         self.crops = np.bincount(self.rng.integers(0, n, rows), minlength=n)
         self.labels = group_labels()
-        self.segmenter = segmenter_key(SegmenterSpec(), CropSpec())  # the default Vistas Mask2Former's id
+        self.segmenter = segmenter_id(SegmenterSpec(), CropSpec())  # the default Vistas Mask2Former's id
         self.now = datetime.now(timezone.utc)
 
     def shards(self, size: int) -> list[tuple[str, np.ndarray]]:

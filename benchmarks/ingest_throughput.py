@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.ingest import ingest
-    from flows.params import IngestOptions, SourceSpec
+    from tasks.specs import IngestOptions, SourceSpec
     from tasks.ingest import ingest_shard, list_g50, plan_shards
 
     tmp = Path(tempfile.mkdtemp(prefix="geofeat-bench-"))

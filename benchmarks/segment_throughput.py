@@ -32,17 +32,18 @@ prefect_env.apply()
 
 import torch  # noqa: E402
 
-from flows.params import CropSpec, RunOptions, SegmenterSpec, SourceSpec  # noqa: E402
+from tasks.specs import CropSpec, RunOptions, SegmenterSpec, SourceSpec  # noqa: E402
 from models.labels import load_label_map  # noqa: E402
 from models.segmenter import Mask2FormerSegmenter, swin_tiny_config  # noqa: E402
 from storage import sources  # noqa: E402
-from tasks.demo_world import DemoWorldSpec, generate_demo_world  # noqa: E402
+from tasks.demo_world.world import generate_demo_world  # noqa: E402
+from tasks.specs import DemoSpec  # noqa: E402
 from tasks.validate import load_rgb  # noqa: E402
 
 
 def world(path: Path, images: int, width: int, seed: int = 0) -> str:
     per = max(1, images // 6)
-    generate_demo_world(str(path), DemoWorldSpec(seed=seed, countries=6, per_country=per, heldout_per_country=0,
+    generate_demo_world(str(path), DemoSpec(seed=seed, countries=6, per_country=per, heldout_per_country=0,
                                                   width=width, height=int(width * 662 / 1536), messy=False))
     return str(path / "g50")
 
@@ -79,10 +80,10 @@ RSS_CHILD = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
 from flows import env; env.apply()
-from flows.params import CropSpec, RunOptions, SegmenterSpec, SourceSpec
+from tasks.specs import CropSpec, RunOptions, SegmenterSpec, SourceSpec
 from storage.layout import DataRoot
 from tasks.ingest import ingest_shard, list_source, plan_shards
-from tasks.segment import plan_segmentation, segment_shard, segmenter_key
+from tasks.segment import plan_segment, segment_shard, segmenter_id
 root = DataRoot(sys.argv[3])
 listing = list_source("g50", sys.argv[2])
 params = {"dataset": "rss", "layout": "g50", "split": {"policy": "hash", "train": 0.8, "val": 0.1}, "max_pixels": 10**8}
@@ -91,7 +92,7 @@ for plan in plan_shards("rss", listing, set(), params, 256):
 spec, crops = SegmenterSpec.model_validate_json(sys.argv[4]), CropSpec(min_score=0.0, min_area=1)
 run = RunOptions(batch_size=int(sys.argv[5]), num_workers=0, shard_size=64, device=sys.argv[6])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for plan in plan_segmentation(root, "rss", segmenter_key(spec, crops), run.shard_size):
+for plan in plan_segment(root, "rss", segmenter_id(spec, crops), run.shard_size):
     segment_shard(root, plan, spec, crops, run)
 print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_kb": base}))
 """
@@ -120,13 +121,13 @@ def main() -> None:
     from flows.ingest import ingest
     from flows.segment import segment
 
-    from tasks.segment import load_backend
+    from tasks.segment import load_segmenter
 
     tmp = Path(tempfile.mkdtemp(prefix="geofeat-segbench-"))
     folder = world(tmp / "world", args.images, args.width)
     spec = segmenter_spec(args, tmp)
     t = time.perf_counter()
-    seg = load_backend(spec, args.device)  # the very model object the flow below uses (cached)
+    seg = load_segmenter(spec, args.device)  # the very model object the flow below uses (cached)
     load_s = time.perf_counter() - t
     a_s, n = model_only(seg, folder, args.batch_size)
     h, w = args.input

@@ -36,11 +36,12 @@ prefect_env.apply()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from flows.params import CropSpec, DemoSpec, SegmenterSpec, TrainSpec  # noqa: E402
+from tasks.specs import CropSpec, DemoSpec, SegmenterSpec, TrainSpec  # noqa: E402
 from models.expert import Expert, resolve_device  # noqa: E402
 from storage.catalog import connect  # noqa: E402
 from storage.layout import DataRoot  # noqa: E402
-from tasks.train import CropStream, make_loader, select_crops  # noqa: E402
+from tasks.loader import CropStream, make_loader  # noqa: E402
+from tasks.train_experts import select_crops  # noqa: E402
 
 MODELS = {  # name -> ViTConfig kwargs (patch 16)
     "vit-tiny": {},  # sized by --hidden/--layers/--image-size

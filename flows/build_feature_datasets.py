@@ -1,22 +1,67 @@
 """Flow `build-feature-datasets`: ingest every source, segment the new images into feature
-crops, refresh the catalog, run the data-quality checks, report."""
+crops, refresh the catalog, gate on its integrity, report, and announce new crops.
+
+Its own tasks: `generate-demo-world` and `integrity-gate`; the rest are the `ingest` and `segment`
+flows' tasks, composed in this run (flows/ingest.py, flows/segment.py).
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+import hashlib
+
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_source
-from flows.params import CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunnerSpec, RunOptions, SegmenterSpec, SourceSpec
-from flows.runner import use_runner
+from flows.runner import RunnerSpec, retried, use_runner
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.demo_world import generate_demo_task
-from tasks.check import integrity_gate_task
-from tasks.events import emit_features_added
+from tasks.check import gate, integrity_checks, integrity_markdown
+from tasks.demo_world.world import generate_demo_world
 from tasks.report import catalog_summary, summary_markdown
+from tasks.specs import (CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunOptions, SegmenterSpec,
+                         SourceSpec)
+
+FEATURES_ADDED = "geofeat.features.added"  # the event train-experts/<name> triggers listen for (prefect.yaml)
+
+
+@task(name="generate-demo-world", **retried(2))
+def generate_demo_world_task(out: str, spec: DemoSpec) -> str:
+    """Generate (or reuse) the world; returns its URL for building source paths."""
+    generate_demo_world(out, spec)
+    return out.rstrip("/")
+
+
+@task(name="integrity-gate", **retried(0))
+def integrity_gate_task(home: str) -> list[dict]:
+    """The build's last gate: publishes the checks as an artifact, fails the run if any fails."""
+    root = DataRoot(home)
+    checks = integrity_checks(root)
+    create_markdown_artifact(integrity_markdown(checks), key="catalog-integrity",
+                             description="integrity checks after this run")
+    gate(root, checks)
+    return [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
+
+
+def catalog_resource(root: DataRoot, deployment: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"geofeat.catalog.{hashlib.sha256(root.url.encode()).hexdigest()[:16]}",
+            "prefect.resource.name": root.url, "geofeat.train-deployment": deployment}
+
+
+def emit_features_added(root: DataRoot, new_features: int, datasets: list[str], segmenter_id: str | None,
+                        retrain: RetrainSpec | None) -> dict | None:
+    """Emit FEATURES_ADDED when a run added at least `retrain.min_new_features` crops (never on a no-op)."""
+    if retrain is None or new_features < retrain.min_new_features:
+        return None
+    from prefect.events import emit_event
+
+    payload = {"new_features": int(new_features), "datasets": datasets, "segmenter": segmenter_id, "home": root.url}
+    event = emit_event(event=FEATURES_ADDED, resource=catalog_resource(root, retrain.deployment), payload=payload)
+    get_run_logger().info("emitted %s (%d new crops) for train-experts/%s", FEATURES_ADDED, new_features,
+                          retrain.deployment)
+    return payload if event is not None else None
 
 
 @flow(name="build-feature-datasets")
@@ -43,7 +88,7 @@ def build_feature_datasets(
     root = DataRoot.from_env(home)
     specs = list(sources or [])
     if demo is not None:
-        world = generate_demo_task(demo.out or root.path("demo-world"), demo.world_spec())
+        world = generate_demo_world_task(demo.out or root.path("demo-world"), demo)
         specs += demo.sources(world)
         if segmenter is not None and segmenter.kind == "annotations" and not segmenter.annotations:
             segmenter = segmenter.model_copy(update={"annotations": demo.annotations(world)})

@@ -14,6 +14,7 @@ prefect_env.apply()  # before anything imports prefect
 import typer  # noqa: E402
 
 from storage.layout import DataRoot  # noqa: E402
+from tasks.specs import DEMO_COUNTRIES, DemoSpec  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -42,21 +43,27 @@ def _print_table(table, fmt: str = "table") -> None:
             print(df)
 
 
+def _spec_option(spec_cls, name: str, **kwargs):
+    """A typer option whose default and help come from a spec field (one definition of each knob)."""
+    field = spec_cls.model_fields[name]
+    return typer.Option(field.default, help=field.description, **kwargs)
+
+
 @app.command("demo-data")
 def demo_data(
     out: str = typer.Option("demo-world", help="folder or fsspec URL to write to"),
-    seed: int = typer.Option(0, help="same seed, same bytes"),
-    countries: int = typer.Option(6, min=1, max=8),
-    per_country: int = typer.Option(40, min=1, help="G50-layout images per country"),
-    heldout_per_country: int = typer.Option(8, min=0, help="IM2GPS-style held-out images per country"),
-    messy: bool = typer.Option(True, help="include a few bad inputs for the quarantine"),
+    seed: int = _spec_option(DemoSpec, "seed", min=0),
+    countries: int = _spec_option(DemoSpec, "countries", min=1, max=DEMO_COUNTRIES),
+    per_country: int = _spec_option(DemoSpec, "per_country", min=1),
+    heldout_per_country: int = _spec_option(DemoSpec, "heldout_per_country", min=0),
+    messy: bool = _spec_option(DemoSpec, "messy"),
     overwrite: bool = typer.Option(False, help="replace an existing world made with another spec"),
 ):
     """Generate the synthetic street-scene demo world (G50 layout + panoptic + IM2GPS-style set)."""
-    from tasks.demo_world import DemoWorldSpec, generate_demo_world
+    from tasks.demo_world.world import generate_demo_world
 
-    spec = DemoWorldSpec(seed=seed, countries=countries, per_country=per_country,
-                         heldout_per_country=heldout_per_country, messy=messy)
+    spec = DemoSpec(seed=seed, countries=countries, per_country=per_country,
+                    heldout_per_country=heldout_per_country, messy=messy)
     try:
         world = generate_demo_world(out, spec, overwrite=overwrite)
     except ValueError as exc:
@@ -78,7 +85,7 @@ def ingest(
     from pydantic import ValidationError
 
     from flows.ingest import ingest as ingest_flow
-    from flows.params import IngestOptions, SourceSpec
+    from tasks.specs import IngestOptions, SourceSpec
 
     try:
         spec = SourceSpec(layout=layout, source=source, images=images, dataset=dataset,
@@ -110,7 +117,8 @@ def _run_flow(flow, params: dict):
         _fail(f"{type(exc).__name__}: {exc}")
 
 
-@app.command()
+@app.command("build-feature-datasets")
+@app.command("build", help="Short for build-feature-datasets.")
 def build(deployment: str = typer.Argument("demo", help="a deployment name from prefect.yaml")):
     """Run `build-feature-datasets` in this process, with a prefect.yaml deployment's parameters."""
     from flows.build_feature_datasets import build_feature_datasets
@@ -133,7 +141,8 @@ def segment(
     typer.echo(json.dumps(_run_flow(segment_flow, params), indent=1))
 
 
-@app.command()
+@app.command("train-experts")
+@app.command("train", help="Short for train-experts.")
 def train(deployment: str = typer.Argument("demo", help="a `train-experts` deployment name from prefect.yaml")):
     """Run `train-experts` in this process, with a prefect.yaml deployment's parameters."""
     from flows.train_experts import train_experts
@@ -145,9 +154,9 @@ def train(deployment: str = typer.Argument("demo", help="a `train-experts` deplo
 @app.command()
 def evaluate(deployment: str = typer.Argument("demo", help="an `evaluate` deployment name from prefect.yaml")):
     """Run `evaluate` in this process, with a prefect.yaml deployment's parameters; prints the report."""
-    from flows.evaluate import evaluate_experts
+    from flows.evaluate import evaluate as evaluate_flow
 
-    _run_flow(evaluate_experts, _deployment_params("evaluate", deployment))
+    _run_flow(evaluate_flow, _deployment_params("evaluate", deployment))
     report()
 
 

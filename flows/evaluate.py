@@ -1,43 +1,39 @@
 """Flow `evaluate`: the registered experts on the test splits, votes, metrics with CIs, and the
-report shaped like the poster's Tables 1 and 2 (Markdown + PNG under the data root, and artifacts)."""
+report shaped like the poster's Tables 1 and 2 (Markdown + PNG under the data root, and artifacts).
+
+Its task: `evaluate` (tasks/evaluate.py), holding the `gpu` slot; the missing baseline crops of a
+benchmark ingested after training are made first (the `baselines` task of flows/train_experts.py).
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import polars as pl
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.params import EvalSpec, RunnerSpec
-from flows.runner import run_gpu_task, use_runner
-from flows.segment import ensure_gpu_limit
-from storage.catalog import connect, refresh_catalog
+from flows.runner import RunnerSpec, gpu_slot, retried, run_gpu_task, use_runner
+from flows.train_experts import ensure_baselines
+from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.baselines import ensure_baselines
-from tasks.eval_report import build_report, publish_artifacts, save_report
-from tasks.evaluate import evaluate, select_experts
-from tasks.retry import RETRY_DELAYS, retry_transient
-from tasks.segment import GPU_LIMIT
+from storage.queries import catalog
+from tasks import evaluate as stage
+from tasks.eval_report import build_report, save_report
+from tasks.specs import EvalSpec
 
 
-@task(name="evaluate-experts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient)
+@task(name="evaluate", **retried(2))
 def evaluate_task(home: str, spec: EvalSpec) -> dict:
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(GPU_LIMIT, occupy=1):
-        return evaluate(DataRoot(home), spec)
+    with gpu_slot():
+        return stage.evaluate(DataRoot(home), spec)
 
 
 def report_notes(root: DataRoot, result: dict) -> list[str]:
-    con = connect(root)
-    try:
-        experts = con.sql("SELECT \"group\", base_checkpoint, steps, val_accuracy, train_crops, metrics FROM experts "
-                              "WHERE expert_id IN (SELECT unnest(?)) ORDER BY \"group\"", params=[result["experts"]]).pl()
-    finally:
-        con.close()
+    with catalog(root) as cat:
+        experts = cat.expert_summaries(result["experts"])
     notes = [f"segmenter `{result['segmenter']}`; experts: " + ", ".join(
         f"{r['group']} ({r['train_crops']} train crops, {r['steps']} steps, val {r['val_accuracy'] or 0:.3f})"
         for r in experts.iter_rows(named=True))]
@@ -53,31 +49,44 @@ def report_notes(root: DataRoot, result: dict) -> list[str]:
     return notes
 
 
+def png_markdown(title: str, data: bytes) -> str:
+    return f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
+def publish_artifacts(report_md: str, tables: dict[str, pl.DataFrame], pngs: dict[str, bytes]) -> None:
+    """The report (`evaluation-report`), the tables (`table-1`, `table-2`) and the figures as
+    markdown with inline PNGs (`confusion-matrix`, `per-country-accuracy`: the UI renders data
+    URLs in markdown; an image artifact wants a public URL)."""
+    create_markdown_artifact(report_md, key="evaluation-report", description="evaluation report")
+    for key, t in tables.items():
+        create_table_artifact(t.to_dicts(), key=key, description=key.replace("-", " ").capitalize())
+    for prefix, key, what in (("confusion_", "confusion-matrix", "confusion matrix"),
+                              ("per_country_", "per-country-accuracy", "per-country top-1 accuracy")):
+        parts = [f"### {name[len(prefix):-len('.png')]}\n\n{png_markdown(what, data)}"
+                 for name, data in sorted(pngs.items()) if name.startswith(prefix)]
+        if parts:
+            create_markdown_artifact("\n\n".join(parts), key=key, description=what)
+
+
 @flow(name="evaluate")
-def evaluate_experts(spec: EvalSpec = EvalSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
+def evaluate(spec: EvalSpec = EvalSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
     refresh_catalog(root)
-    experts = select_experts(root, spec)
-    segmenter = experts["segmenter"][0]
-    con = connect(root)
-    try:
-        datasets = spec.datasets or [r[0] for r in con.sql(
-            "SELECT DISTINCT dataset FROM images WHERE split = 'test' ORDER BY 1").fetchall()]
-    finally:
-        con.close()
+    experts = stage.select_experts(root, spec)
+    segmenter_id = experts["segmenter"][0]
+    if spec.datasets:
+        datasets = spec.datasets
+    else:
+        with catalog(root) as cat:
+            datasets = cat.datasets(split="test")
     kinds = [k for k in ("image", "random") if k in experts["group"].to_list()]
-    ensure_gpu_limit()
     with use_runner(runner):
-        ensure_baselines(root, kinds, datasets, segmenter)  # e.g. a benchmark ingested after training
+        ensure_baselines(root, kinds, datasets, segmenter_id)  # e.g. a benchmark ingested after training
         result = run_gpu_task(evaluate_task, root.url, spec.model_copy(update={"datasets": datasets}))
     refresh_catalog(root)
-    con = connect(root)
-    try:
-        metrics = con.sql("SELECT * FROM metrics WHERE eval_id = ?", params=[result["eval_id"]]).pl()
-        predictions = con.sql("SELECT * FROM predictions WHERE eval_id = ?", params=[result["eval_id"]]).pl()
-    finally:
-        con.close()
+    with catalog(root) as cat:
+        metrics, predictions = cat.evaluation(result["eval_id"])
     table1_sets = [d for d in datasets if d not in spec.benchmarks]
     table2_sets = [d for d in datasets if d in spec.benchmarks]
     report = build_report(metrics, predictions, eval_id=result["eval_id"], table1_datasets=table1_sets,

@@ -1,20 +1,35 @@
-"""Flow `ingest`: one dataset from a source layout into the `images`/`quarantine` catalog."""
+"""Flow `ingest`: one dataset from a source layout into the `images`/`quarantine` catalog.
+
+Its tasks: `plan-ingest` lists the source and plans shards of new files; `ingest-shard` (hundreds
+of images each, in parallel) hashes, validates and commits them (tasks/ingest.py).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from prefect import flow, unmapped
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.logging import get_run_logger
 
-from flows.params import IngestOptions, RunnerSpec, SourceSpec
-from flows.runner import use_runner
+from flows.runner import RunnerSpec, retried, use_runner
 from storage import sources
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.ingest import drop_dataset, ingest_shard_task, plan_ingest_task
+from tasks import ingest as stage
+from tasks.specs import IngestOptions, SourceSpec
+
+
+@task(name="plan-ingest", **retried(2))
+def plan_ingest_task(home: str, layout: str, source: str, images: str | None, params: dict,
+                     shard_size: int) -> tuple[list[stage.ShardPlan], list[str]]:
+    return stage.plan_ingest(DataRoot(home), layout, source, images, params, shard_size)
+
+
+@task(name="ingest-shard", task_run_name="ingest-{plan.dataset}-{plan.shard_id}", **retried(3))
+def ingest_shard_task(home: str, plan: stage.ShardPlan, ingested_at: datetime) -> dict:
+    return stage.ingest_shard(DataRoot(home), plan, ingested_at)
 
 
 def check_source(spec: SourceSpec, field: str) -> None:
@@ -39,7 +54,7 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
     log = get_run_logger()
     check_source(source, field)
     if options.mode == "overwrite":
-        log.info("overwrite: dropped %d shard(s) of %s", drop_dataset(root, source.dataset), source.dataset)
+        log.info("overwrite: dropped %d shard(s) of %s", stage.drop_dataset(root, source.dataset), source.dataset)
     params = {
         "dataset": source.dataset,
         "layout": source.layout,

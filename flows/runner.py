@@ -1,5 +1,6 @@
-"""Where a flow's tasks run, chosen per run by the flows' `runner` parameter (RunnerSpec): Prefect's
-thread pool (the default, unchanged) or a Dask cluster through prefect-dask. See docs/dask.md.
+"""How and where the flows' tasks run: the retry policy of every task, the `gpu` slot, and the
+runner chosen per run by the flows' `runner` parameter (RunnerSpec): Prefect's thread pool (the
+default, unchanged) or a Dask cluster through prefect-dask. See docs/dask.md.
 
 A Prefect 3 flow binds its task runner when it is decorated, and `Task.submit`/`Task.map` hand
 their work to the task runner of the current flow-run context. `use_runner` starts a
@@ -10,21 +11,169 @@ stay as they are, and the thread path does nothing at all.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 from urllib.parse import urlparse
 
+from prefect.cache_policies import NO_CACHE
 from prefect.client.base import ServerType
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from pydantic import Field, model_validator
 
-from flows.params import RunnerSpec
+from storage.shards import is_transient
+from tasks.specs import Spec
 
 if TYPE_CHECKING:
     from distributed import Client
     from prefect_dask import DaskTaskRunner
+
+
+# ---------------------------------------------------------------- retries
+
+ENV_DELAYS = "GEOFEAT_RETRY_DELAYS"  # e.g. "0,0,0" in tests; read at import
+DEFAULT_DELAYS = [1.0, 5.0, 20.0]  # s between the attempts of one shard
+
+
+def retry_delays(value: str | None = None) -> list[float]:
+    """The task retry delays: `value` (comma-separated seconds), else $GEOFEAT_RETRY_DELAYS, else the default."""
+    value = value if value is not None else os.environ.get(ENV_DELAYS, "")
+    if not value.strip():
+        return list(DEFAULT_DELAYS)
+    try:
+        delays = [float(v) for v in value.split(",")]
+    except ValueError:
+        delays = []
+    if not delays or any(d < 0 for d in delays) or len(delays) > 50:
+        raise ValueError(f"{ENV_DELAYS}={value!r}: give 1 to 50 comma-separated seconds >= 0, e.g. '1,5,20'")
+    return delays
+
+
+# One list shared by every task (Prefect keeps the object): tests may change it in place.
+RETRY_DELAYS = retry_delays()
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only when the failure was a transient I/O error (each
+    storage operation already retries on its own, storage.shards.retry_io: this is the second line)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:  # noqa: BLE001 - we only classify it
+            exc = raised
+    return exc is not None and is_transient(exc)
+
+
+def retried(retries: int) -> dict[str, Any]:
+    """@task options of every stage task. The commit record is the cache: shard ids hash their inputs,
+    parameters and stage version, and a committed shard is never redone. Prefect's own result cache
+    is off, so it can never claim a shard done whose files were deleted."""
+    return {"cache_policy": NO_CACHE, "retries": retries, "retry_delay_seconds": RETRY_DELAYS,
+            "retry_condition_fn": retry_transient}
+
+
+# ---------------------------------------------------------------- the gpu slot
+
+# Global concurrency limit held by a GPU stage (segmentation, training, evaluation) while it runs, so
+# two flows never share a GPU. Held per stage, not per shard task: in Prefect 3.9 a slot acquired
+# inside a task costs ~2 s (lease-renewal thread join), measured in benchmarks/segment_throughput.py.
+GPU_LIMIT = "gpu"
+
+
+def ensure_gpu_limit(slots: int = 1) -> None:
+    """Create the `gpu` global concurrency limit if it does not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            except ObjectAlreadyExists:
+                pass
+
+
+@contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold the `gpu` slot for the block (other GPU stages wait for it)."""
+    from prefect.concurrency.sync import concurrency
+
+    ensure_gpu_limit()
+    with concurrency(GPU_LIMIT, occupy=1):
+        yield
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class RunnerSpec(Spec):
+    """Where a flow's tasks run (flows/runner.py, docs/dask.md); none of this changes the output.
+
+    `thread`: Prefect's thread pool in the flow's process (the default). `dask`: a Dask cluster
+    through prefect-dask: a running scheduler (`address`), a cluster of `cluster_class` started for
+    the run (dask-kubernetes, dask-jobqueue), or else a LocalCluster of `workers` processes.
+    """
+
+    kind: Literal["thread", "dask"] = Field("thread", description="thread: Prefect's thread pool; dask: prefect-dask")
+    address: str | None = Field(None, pattern=r"^\S+$", description="scheduler of a running Dask cluster, "
+                                "e.g. tcp://10.0.0.5:8786 (its workers need this project and PREFECT_API_URL)")
+    cluster_class: str | None = Field(
+        None, pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", description="import path of a cluster class started "
+        "for the run, e.g. dask_jobqueue.SLURMCluster or dask_kubernetes.operator.KubeCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of "
+                                           "cluster_class (or of the LocalCluster, e.g. memory_limit)")
+    adapt: dict[str, int] | None = Field(None, description="adaptive scaling of a cluster started for the run: "
+                                         "cluster.adapt(**adapt), e.g. {minimum: 0, maximum: 20}")
+    workers: int | None = Field(None, ge=1, description="LocalCluster worker processes; default: Dask's (per core)")
+    threads_per_worker: int = Field(1, ge=1, description="LocalCluster threads per worker process")
+    worker_resources: dict[str, float] | None = Field(
+        None, description="resources every LocalCluster worker offers; default {<gpu_resource>: <gpu_amount>}: "
+        "local workers share this machine's GPU (the `gpu` concurrency slot still guards it)")
+    gpu_resource: str | None = Field("GPU", pattern=r"^[A-Za-z_][\w.-]*$", description="Dask resource that "
+                                     "segmentation and training tasks need; null: they run on any worker")
+    gpu_amount: float = Field(1, gt=0, description="how much of gpu_resource one such task takes")
+    worker_timeout: float = Field(60, gt=0, description="s to wait for a worker offering gpu_resource before "
+                                  "failing (raise it while batch jobs queue)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunnerSpec":
+        if self.kind == "thread":
+            unused = sorted(self.model_fields_set - {"kind"})
+            if unused:
+                raise ValueError(f"runner.{unused[0]}: only used with kind: dask; set kind: dask or drop it")
+            return self
+        if "asynchronous" in self.cluster_kwargs:
+            raise ValueError("runner.cluster_kwargs.asynchronous: prefect-dask manages it; remove it")
+        if self.address and self.cluster_class:
+            raise ValueError("runner.cluster_class: give `address` (a running cluster) or `cluster_class` "
+                             "(one started for the run), not both")
+        if self.address or self.cluster_class:
+            given = "address" if self.address else "cluster_class"
+            local = sorted(self.model_fields_set & {"workers", "threads_per_worker", "worker_resources"})
+            if local:
+                raise ValueError(f"runner.{local[0]}: configures the LocalCluster only; with `{given}` the "
+                                 "workers are configured where they start (cluster_kwargs, `dask worker` options)")
+            if self.address and (self.cluster_kwargs or self.adapt):
+                raise ValueError(f"runner.{'adapt' if self.adapt else 'cluster_kwargs'}: unused with `address` "
+                                 "(a running cluster is configured where it runs)")
+            return self
+        for key, field in (("n_workers", "workers"), ("threads_per_worker", "threads_per_worker"),
+                           ("resources", "worker_resources")):
+            if key in self.cluster_kwargs:
+                raise ValueError(f"runner.cluster_kwargs.{key}: set runner.{field} instead")
+        if self.gpu_resource and self.worker_resources is not None \
+                and self.worker_resources.get(self.gpu_resource, 0) < self.gpu_amount:
+            raise ValueError(f"runner.worker_resources: offers no {self.gpu_resource}={self.gpu_amount:g}, so "
+                             f"segmentation and training could never run; add it or set gpu_resource: null")
+        return self
+
 
 _ACTIVE: ContextVar[tuple[RunnerSpec, DaskTaskRunner] | None] = ContextVar("geofeat_dask_runner", default=None)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}

@@ -4,47 +4,41 @@ Only images this segmenter version has not segmented are planned, so a rerun is 
 and a new checkpoint or new parameters (a new segmenter id) segment everything again while
 the previous version's features stay queryable by their `segmenter` value. The `resegment`
 deployment in prefect.yaml runs this flow on a cron schedule.
+
+Its tasks: `plan-segment` (per dataset) and `segment-shard` (tasks/segment.py).
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
-from flows.params import CropSpec, RunnerSpec, RunOptions, SegmenterSpec
-from flows.runner import gpu_tasks, use_runner
-from storage.catalog import connect, refresh_catalog
+from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
+from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.quality import checks_markdown, quality_checks
-from tasks.segment import GPU_LIMIT, plan_segmentation_task, segment_shard_task, segmenter_key
+from storage.queries import catalog
+from tasks import segment as stage
+from tasks.quality import quality_checks, quality_markdown
+from tasks.specs import CropSpec, RunOptions, SegmenterSpec
 
 
-def ensure_gpu_limit(slots: int = 1) -> None:
-    """The global concurrency limit that lets one segmentation/training task use a GPU at a time."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+@task(name="plan-segment", **retried(2))
+def plan_segment_task(home: str, dataset: str, segmenter_id: str, shard_size: int) -> list[stage.SegmentPlan]:
+    return stage.plan_segment(DataRoot(home), dataset, segmenter_id, shard_size)
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
-            except ObjectAlreadyExists:
-                pass
+
+@task(name="segment-shard", task_run_name="segment-{plan.dataset}-{plan.shard_id}", **retried(3))
+def segment_shard_task(home: str, plan: stage.SegmentPlan, spec: SegmenterSpec, crops: CropSpec,
+                       run: RunOptions) -> dict:
+    return stage.segment_shard(DataRoot(home), plan, spec, crops, run)
 
 
 def catalog_datasets(root: DataRoot) -> list[str]:
     refresh_catalog(root)
-    con = connect(root)
-    try:
-        return [r[0] for r in con.sql("SELECT DISTINCT dataset FROM images ORDER BY 1").fetchall()]
-    finally:
-        con.close()
+    with catalog(root) as cat:
+        return cat.datasets()
 
 
 @flow(name="segment")
@@ -62,17 +56,17 @@ def segment(
         return segment_datasets(root, datasets or catalog_datasets(root), segmenter, crops, run)
 
 
-def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec, crops: CropSpec,
+def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crops: CropSpec,
                      run: RunOptions) -> dict:
     """The segmentation stage's tasks, composed inside the calling flow run."""
     log = get_run_logger()
-    key = segmenter_key(segmenter, crops)
-    if segmenter.kind == "tiny-random":
-        log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", key)
-    ensure_gpu_limit()
-    plans = [p for name in names for p in plan_segmentation_task(root.url, name, key, run.shard_size)]
-    log.info("segmenter %s: %d shard(s) of new images in %s", key, len(plans), names)
-    progress = create_progress_artifact(0.0, key="segmentation-progress", description=f"shards segmented by {key}")
+    segmenter_id = stage.segmenter_id(spec, crops)
+    if spec.kind == "tiny-random":
+        log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
+    plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
+    log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
+    progress = create_progress_artifact(0.0, key="segmentation-progress",
+                                        description=f"shards segmented by {segmenter_id}")
     results = []
 
     def finished(future) -> None:
@@ -83,26 +77,24 @@ def segment_datasets(root: DataRoot, names: list[str], segmenter: SegmenterSpec,
     # `run.concurrent_shards` shard tasks in flight; they share this process's model (on Dask:
     # each worker's model, and only workers offering the runner's GPU resource take them).
     active = []
-    with concurrency(GPU_LIMIT, occupy=1), gpu_tasks(submits=bool(plans)):
+    with gpu_slot(), gpu_tasks(submits=bool(plans)):
         for plan in plans:
             if len(active) >= run.concurrent_shards:
                 done = next(as_completed(active))
                 active.remove(done)
                 finished(done)
-            active.append(segment_shard_task.submit(root.url, plan, segmenter, crops, run))
+            active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
         for done in as_completed(active):
             finished(done)
     update_progress_artifact(progress, 100.0)
     refresh_catalog(root)
-    checks = quality_checks(root, key, names)
-    report = checks_markdown(key, checks)
-    if segmenter.kind == "tiny-random":
-        report = "> **UNTRAINED segmenter: these crops come from random weights.**\n\n" + report
-    create_markdown_artifact(report, key="data-quality", description=f"quality of {key}")
+    checks = quality_checks(root, segmenter_id, names)
+    create_markdown_artifact(quality_markdown(segmenter_id, checks, untrained=spec.kind == "tiny-random"),
+                             key="data-quality", description=f"quality of {segmenter_id}")
     for c in checks:
         (log.info if c.passed else log.warning)("quality %s: %s: %s", "PASS" if c.passed else "FAIL", c.name, c.detail)
     return {
-        "segmenter": key,
+        "segmenter": segmenter_id,
         "datasets": names,
         "shards": len(plans),
         "images": sum(r["images"] for r in results),

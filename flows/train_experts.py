@@ -1,38 +1,65 @@
 """Flow `train-experts`: one expert per feature group (plus the baselines), each a retryable,
 resumable task that holds the `gpu` concurrency slot while it trains. Experts already
 registered for the same spec and the same crops are skipped, so a rerun is a no-op; new
-crops (a new snapshot) train new experts. Deployed by hand or by a trigger (prefect.yaml)."""
+crops (a new snapshot) train new experts. Deployed by hand or by a trigger (prefect.yaml).
+
+Its tasks: `baselines` (whole-image and random crops, once per image: tasks/baselines.py) and
+`train-experts` (one run per group: tasks/train_experts.py).
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.params import RunnerSpec, TrainSpec
-from flows.runner import gpu_tasks, use_runner
-from flows.segment import catalog_datasets, ensure_gpu_limit
+from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
+from flows.segment import catalog_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks.baselines import ensure_baselines
-from tasks.train import TINY, default_segmenter, train_expert_task
+from tasks import baselines
+from tasks import train_experts as stage
+from tasks.specs import TINY, TrainSpec
+
+
+@task(name="baselines", task_run_name="baselines-{plan.kind}-{plan.dataset}-{plan.shard_id}", **retried(3))
+def baselines_task(home: str, plan: baselines.BaselinePlan, segmenter_id: str) -> dict:
+    return baselines.baseline_shard(DataRoot(home), plan, segmenter_id)
+
+
+@task(name="train-experts", task_run_name="train-experts-{group}", **retried(2))
+def train_experts_task(home: str, spec: TrainSpec, group: str, segmenter_id: str) -> dict:
+    """Waits for the `gpu` slot (shared with segmentation), then trains one group's expert. A retry or
+    a rerun resumes from `last/`; the commit record is the cache, as for shards."""
+    with gpu_slot():
+        return stage.train_expert(DataRoot(home), spec, group, segmenter_id)
+
+
+def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segmenter_id: str,
+                     shard_size: int = 256) -> dict:
+    """Make the missing `kinds` crops of `datasets` (one task per shard, inside the calling flow)."""
+    plans = [p for kind in kinds for p in baselines.plan_baselines(root, kind, datasets, segmenter_id, shard_size)]
+    results = [f.result() for f in baselines_task.map(root.url, plans, segmenter_id)] if plans else []
+    if plans:
+        refresh_catalog(root)
+    return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}
+
 
 @flow(name="train-experts")
 def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
     refresh_catalog(root)
-    segmenter = spec.segmenter or default_segmenter(root, spec.datasets)
+    segmenter_id = spec.segmenter or stage.default_segmenter(root, spec.datasets)
     if spec.checkpoint == TINY:
         log.warning("experts start from an UNTRAINED tiny random-init ViT: a demo, not the poster's ViT-B/16")
     datasets = catalog_datasets(root)  # baseline crops for every dataset: evaluation needs the test ones too
     kinds = (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
     groups = list(spec.groups) + kinds
-    ensure_gpu_limit()
     with use_runner(runner):
-        baselines = ensure_baselines(root, kinds, datasets, segmenter, spec.baseline_shard_size)
+        made = ensure_baselines(root, kinds, datasets, segmenter_id, spec.baseline_shard_size)
         with gpu_tasks():
-            futures = [train_expert_task.submit(root.url, spec, g, segmenter) for g in groups]
+            futures = [train_experts_task.submit(root.url, spec, g, segmenter_id) for g in groups]
         results = [f.result() for f in futures]
     refresh_catalog(root)
     rows = [{"group": r["group"], "expert": r["expert_id"], "status": "cached" if r.get("cached") else
@@ -40,8 +67,8 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
              "val_crops": r["val_crops"], "val_accuracy": r.get("val_accuracy"), "steps": r.get("steps"),
              "wall_s": r.get("wall_s"), "dropped_countries": ", ".join(f"{c}:{n}" for c, n in r["dropped_countries"].items())}
             for r in results]
-    create_table_artifact(rows, key="experts", description=f"experts on {segmenter}"
+    create_table_artifact(rows, key="experts", description=f"experts on {segmenter_id}"
                           + (" (UNTRAINED tiny random-init start)" if spec.checkpoint == TINY else ""))
     for r in rows:
         log.info("expert %s", r)
-    return {"segmenter": segmenter, "baselines": baselines, "experts": results}
+    return {"segmenter": segmenter_id, "baselines": made, "experts": results}

@@ -13,11 +13,12 @@ import os
 import posixpath
 from functools import cached_property
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from models.segmenter import Segment
+from storage import sources
+from storage.sources import url_fs
 
 MASK_STRIDE = 4  # masks are kept at 1/4 resolution, like Mask2Former's
 
@@ -26,7 +27,7 @@ def _norm(url: str) -> str:
     """One spelling per location: absolute local paths, protocol URLs as fsspec writes them."""
     if "://" not in url:
         return os.path.abspath(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_fs(url)
     return fs.unstrip_protocol(path)
 
 
@@ -38,8 +39,7 @@ class PanopticAnnotations:
 
     @cached_property
     def _index(self) -> tuple[dict[str, dict], dict[int, dict]]:
-        with fsspec.open(self.json_url, "rb") as f:
-            coco = json.load(f)
+        coco = json.loads(sources.read_bytes(self.json_url))
         names = {img["id"]: img["file_name"] for img in coco["images"]}
         by_file = {names[a["image_id"]]: a for a in coco["annotations"]}
         categories = {c["id"]: c for c in coco["categories"]}
@@ -57,8 +57,8 @@ class PanopticAnnotations:
 
     def read_ids(self, annotation: dict) -> np.ndarray:
         """The panoptic id map (int32, full resolution): id = R + 256 G + 256^2 B."""
-        with fsspec.open(posixpath.join(self.png_dir, annotation["file_name"]), "rb") as f:
-            rgb = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"), dtype=np.int32)
+        data = sources.read_bytes(posixpath.join(self.png_dir, annotation["file_name"]))
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int32)
         return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 

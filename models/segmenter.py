@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -426,9 +426,6 @@ class Mask2FormerSegmenter:
 
     # ------------------------------------------------------------ inference
 
-    def device_for(self, requested: str) -> torch.device:
-        return resolve_device(requested)
-
     @property
     def input_size(self) -> tuple[int, int]:
         return self.preprocessor.size
@@ -462,11 +459,6 @@ class Mask2FormerSegmenter:
             return segments_from_logits(out.class_queries_logits, out.masks_queries_logits, sizes, self.id2label,
                                         mode=mode, score_threshold=score_threshold, mask_threshold=mask_threshold,
                                         overlap_threshold=overlap_threshold)
-
-    def predict_images(self, images: Iterable[Image.Image], **kwargs) -> list[list[Segment]]:
-        """Convenience for small jobs: preprocess in this process, then `predict`."""
-        pixels, sizes = self.preprocessor.batch(list(images))
-        return self.predict(pixels, sizes, **kwargs)
 
     def __repr__(self) -> str:
         return (f"Mask2FormerSegmenter({self.checkpoint!r}, revision={self.revision!r}, untrained={self.untrained}, "

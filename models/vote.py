@@ -122,3 +122,29 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 METHODS = {"majority": majority_vote, "logprob": logprob_vote}
+
+
+# ---------------------------------------------------------------- the policy (evaluate and predict)
+
+VOTES = ("majority", "logprob", "learned")  # the per-image votes over the feature groups' crops
+
+
+def image_scores(P: np.ndarray, image_index: np.ndarray, group_index: np.ndarray | None, n_images: int,
+                 method: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """One vote method's scores per image: `majority` (the poster's), `logprob`, or `learned`
+    (logprob with per-group `weights`). An image without crops gets NaN."""
+    if method == "majority":
+        return majority_vote(P, image_index, n_images)
+    if method not in VOTES:
+        raise ValueError(f"unknown vote method {method!r}; expected one of {VOTES}")
+    return logprob_vote(P, image_index, n_images, group_index=group_index,
+                        weights=weights if method == "learned" else None)
+
+
+def with_fallback(scores: np.ndarray, fallback: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Images the vote could not answer (no feature crops: a NaN row) take the fallback's scores
+    (the whole-image expert's), where it has any. Returns (scores, used_fallback per image)."""
+    unanswered = np.isnan(scores).all(axis=1)
+    if fallback is None:
+        return scores, np.zeros(len(scores), dtype=bool)
+    return np.where(unanswered[:, None], fallback, scores), unanswered

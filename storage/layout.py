@@ -13,6 +13,9 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.sources import url_fs
 
 ENV_HOME = "GEOFEAT_HOME"
+# Stages renamed after catalogs were first written: stage -> its old folder under _commits/, still
+# read (a catalog keeps what it committed under the old name) and never written.
+LEGACY_STAGE_DIRS = {"train-experts": "train"}
 DEFAULT_HOME = "geofeat-data"  # relative to the working directory
 
 
@@ -64,6 +67,14 @@ class DataRoot:
 
     def commit_path(self, stage: str, dataset: str, shard_id: str) -> str:
         return self.path("_commits", stage, f"dataset={dataset}", f"{shard_id}.json")
+
+    def stage_dirs(self, stage: str) -> list[str]:
+        """The folders holding a stage's completion records: its own, then its legacy one (if any)."""
+        return [self.path("_commits", s) for s in [stage, *([LEGACY_STAGE_DIRS[stage]] if stage in LEGACY_STAGE_DIRS else [])]]
+
+    def commit_paths(self, stage: str, dataset: str, shard_id: str) -> list[str]:
+        """Where a shard's record may be, in the folders of `stage_dirs`."""
+        return [posixpath.join(d, f"dataset={dataset}", f"{shard_id}.json") for d in self.stage_dirs(stage)]
 
     def schema_path(self, table: str) -> str:
         """An empty Parquet file with the table's schema, so a view is valid before any data."""

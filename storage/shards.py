@@ -13,6 +13,7 @@ retries are the second line.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import posixpath
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -86,7 +88,7 @@ class CommitRecord:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
 
 
-def _writer_alive(tmp_name: str) -> bool:
+def writer_alive(tmp_name: str) -> bool:
     """Temp names carry the writer's pid (`.tmp-<pid>-<rand>`); another live writer's file stays."""
     try:
         pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
@@ -106,7 +108,7 @@ def _sweep_dead_temps(fs, folder: str, name: str) -> None:
         return
     for entry in entries:
         base = posixpath.basename(entry)
-        if base.startswith(f"{name}.tmp-") and not _writer_alive(base):
+        if base.startswith(f"{name}.tmp-") and not writer_alive(base):
             fs.rm(entry)
 
 
@@ -172,8 +174,8 @@ def write_parquet_atomic(root: DataRoot, table: pa.Table, path: str) -> None:
 
 
 def is_committed(root: DataRoot, stage: str, dataset: str, shard_id: str) -> bool:
-    path = root.commit_path(stage, dataset, shard_id)
-    return retry_io(root.fs.exists, path, what=f"check {path}")
+    return any(retry_io(root.fs.exists, path, what=f"check {path}")
+               for path in root.commit_paths(stage, dataset, shard_id))
 
 
 def commit_shard(
@@ -211,12 +213,66 @@ def commit_shard(
 def read_commits(root: DataRoot, stage: str = "*") -> list[CommitRecord]:
     """Every completion record under the root, in a stable order."""
     fs = root.fs
-    top = root.path("_commits") if stage == "*" else root.path("_commits", stage)
-    if not fs.exists(top):
-        return []
+    tops = [root.path("_commits")] if stage == "*" else root.stage_dirs(stage)
     # find, not glob: a data root may contain glob characters such as [ ].
-    paths = sorted(p for p in fs.find(top) if p.endswith(".json") and ".tmp-" not in p)
+    paths = sorted(p for top in tops if fs.exists(top) for p in fs.find(top) if p.endswith(".json") and ".tmp-" not in p)
     if not paths:
         return []
     # cat_file: no glob expansion
     return [CommitRecord(**json.loads(retry_io(fs.cat_file, p, what=f"read {p}"))) for p in paths]
+
+
+def iter_row_groups(root: DataRoot, path: str, columns: list[str]) -> Iterator[pa.Table]:
+    """The `columns` of a committed Parquet file, one row group at a time (bounded memory)."""
+    with root.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=columns)
+
+
+def shard_id(parts: list) -> str:
+    """A deterministic shard id: the sha256 of `parts` as sorted-key JSON, 20 hex digits. Callers
+    put in everything that decides the shard's content (inputs, parameters, stage version)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def drop_shards(root: DataRoot, stage: str, dataset: str) -> int:
+    """Remove every shard of (stage, dataset): the completion records first, so readers never see
+    half of it, then the files they listed. Returns how many shards were dropped."""
+    fs = root.fs
+    records = [r for r in read_commits(root, stage) if r.dataset == dataset]
+    for r in records:
+        fs.rm(root.commit_path(stage, dataset, r.shard_id))
+    for r in records:
+        for rel in (rel for rels in r.files.values() for rel in rels):
+            if fs.exists(root.path(rel)):
+                fs.rm(root.path(rel))
+    return len(records)
+
+
+@dataclass(frozen=True)
+class FileAudit:
+    """Shard files on disk against completion records, as paths relative to the data root."""
+
+    on_disk: int  # Parquet files under the table folders
+    listed: int  # files the completion records list
+    orphans: list[str]  # on disk, in no record (a killed or failed writer's; the views ignore them)
+    missing: list[tuple[str, str]]  # (file, record) listed but gone: the views cannot load
+
+
+def audit_files(root: DataRoot, tables: list[str]) -> FileAudit:
+    """Compare the table folders' Parquet files with the completion records, from listings alone."""
+    fs = root.fs
+    listed: dict[str, str] = {}  # stripped path -> the record that lists it
+    for record in read_commits(root):
+        for rels in record.files.values():
+            for rel in rels:
+                listed[fs._strip_protocol(root.path(rel))] = f"{record.stage}/{record.dataset}/{record.shard_id}"
+    on_disk = set()
+    for table in tables:  # find, not glob: a root may contain glob characters
+        if fs.exists(top := root.path(table)):
+            on_disk.update(p for p in fs.find(top) if p.endswith(".parquet"))
+    base = fs._strip_protocol(root.url)
+    rel = lambda path: posixpath.relpath(path, base)  # noqa: E731
+    return FileAudit(on_disk=len(on_disk), listed=len(listed), orphans=[rel(p) for p in sorted(on_disk - listed.keys())],
+                     missing=[(rel(p), listed[p]) for p in sorted(listed.keys() - on_disk)])

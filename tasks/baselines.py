@@ -11,38 +11,32 @@ Both are planned per image like segmentation (a rerun is a no-op) and committed 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from datetime import datetime, timezone
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.params import CropSpec
 from storage import sources
-from storage.catalog import connect
 from storage.layout import DataRoot
+from storage.queries import catalog
 from storage.schema import FEATURES, QUARANTINE, to_table
-from storage.shards import Output, commit_shard, is_committed
-from tasks.retry import RETRY_DELAYS, retry_transient
+from storage.shards import Output, commit_shard, is_committed, shard_id
 from tasks.segment import crop_box, encode, feature_id, segmenter_specs
+from tasks.specs import CropSpec
 from tasks.validate import BadInput, load_rgb
 
 STAGE = "baselines"
 WHOLE_IMAGE = "whole-image"
 WHOLE_IMAGE_CROPS = CropSpec(max_side=512)
-PSEUDO_GROUPS = ("image", "random")
 
 
-def random_key(segmenter: str) -> str:
-    return f"random@{segmenter}"
+def random_key(segmenter_id: str) -> str:
+    return f"random@{segmenter_id}"
 
 
-def source_key(group: str, segmenter: str) -> str:
+def source_key(group: str, segmenter_id: str) -> str:
     """The `segmenter` value whose rows hold `group`'s crops."""
-    return {"image": WHOLE_IMAGE, "random": random_key(segmenter)}.get(group, segmenter)
+    return {"image": WHOLE_IMAGE, "random": random_key(segmenter_id)}.get(group, segmenter_id)
 
 
 class BaselinePlan(BaseModel):
@@ -53,37 +47,21 @@ class BaselinePlan(BaseModel):
     images: list[dict]  # image_id, split, country, source_uri, boxes: the segmenter's bboxes (random only)
 
 
-def plan_baselines(root: DataRoot, kind: str, datasets: list[str], segmenter: str,
+def plan_baselines(root: DataRoot, kind: str, datasets: list[str], segmenter_id: str,
                    shard_size: int = 256) -> list[BaselinePlan]:
     """Images of `datasets` without `kind` crops yet (random: only images the segmenter cut crops from)."""
-    key = source_key(kind, segmenter)
-    con = connect(root, fresh=True)
-    try:
-        if kind == "image":
-            rows = con.execute(
-                "SELECT image_id, dataset, split, country, source_uri, NULL AS boxes FROM images "
-                "WHERE dataset IN (SELECT unnest(?)) AND image_id NOT IN "
-                "(SELECT image_id FROM features_all WHERE segmenter = ?) ORDER BY dataset, image_id",
-                [datasets, key]).fetchall()
-        else:
-            rows = con.execute(
-                "SELECT i.image_id, i.dataset, i.split, i.country, i.source_uri, "
-                "list(f.bbox ORDER BY f.feature_id) AS boxes "
-                "FROM images i JOIN features f USING (image_id, dataset) "
-                "WHERE f.segmenter = ? AND i.dataset IN (SELECT unnest(?)) AND i.image_id NOT IN "
-                "(SELECT image_id FROM features_all WHERE segmenter = ?) "
-                "GROUP BY ALL ORDER BY i.dataset, i.image_id", [segmenter, datasets, key]).fetchall()
-    finally:
-        con.close()
+    key = source_key(kind, segmenter_id)
+    with catalog(root, fresh=True) as cat:
+        rows = (cat.images_without_crops(key, datasets) if kind == "image"
+                else cat.segmented_without_crops(segmenter_id, key, datasets))
     plans: list[BaselinePlan] = []
     for dataset in sorted({r[1] for r in rows}):
         refs = [{"image_id": r[0], "split": r[2], "country": r[3], "source_uri": r[4], "boxes": r[5] or []}
                 for r in rows if r[1] == dataset]
         for k in range(0, len(refs), shard_size):
             chunk = refs[k:k + shard_size]
-            digest = hashlib.sha256(json.dumps([key, dataset, [r["image_id"] for r in chunk]]).encode())
-            plans.append(BaselinePlan(kind=kind, dataset=dataset, shard_id=digest.hexdigest()[:20], key=key,
-                                      images=chunk))
+            plans.append(BaselinePlan(kind=kind, dataset=dataset, shard_id=shard_id([key, dataset, [r["image_id"] for r in chunk]]),
+                                      key=key, images=chunk))
     return plans
 
 
@@ -100,10 +78,11 @@ def random_boxes(image_id: str, width: int, height: int, bboxes: list[list[int]]
     return out
 
 
-def make_baseline_shard(root: DataRoot, plan: BaselinePlan, segmenter: str) -> dict:
+def baseline_shard(root: DataRoot, plan: BaselinePlan, segmenter_id: str) -> dict:
+    """Cut and commit one shard of whole-image or random crops."""
     if is_committed(root, STAGE, plan.dataset, plan.shard_id):
         return {"shard_id": plan.shard_id, "cached": True, "crops": 0}
-    crops = WHOLE_IMAGE_CROPS if plan.kind == "image" else segmenter_specs(root, segmenter)[1]
+    crops = WHOLE_IMAGE_CROPS if plan.kind == "image" else segmenter_specs(root, segmenter_id)[1]
     now = datetime.now(timezone.utc)
     rows, quarantined = [], []
     for ref in plan.images:
@@ -133,21 +112,3 @@ def make_baseline_shard(root: DataRoot, plan: BaselinePlan, segmenter: str) -> d
                Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))]
     commit_shard(root, STAGE, plan.dataset, plan.shard_id, outputs, params={"key": plan.key, "kind": plan.kind})
     return {"shard_id": plan.shard_id, "cached": False, "crops": len(rows), "quarantined": len(quarantined)}
-
-
-@task(name="baseline-crops", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, task_run_name="{plan.kind}-crops-{plan.dataset}-{plan.shard_id}")
-def baseline_shard_task(home: str, plan: BaselinePlan, segmenter: str) -> dict:
-    return make_baseline_shard(DataRoot(home), plan, segmenter)
-
-
-def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segmenter: str,
-                     shard_size: int = 256) -> dict:
-    """Make the missing `kinds` crops of `datasets` (one task per shard, inside the calling flow)."""
-    from storage.catalog import refresh_catalog
-
-    plans = [p for kind in kinds for p in plan_baselines(root, kind, datasets, segmenter, shard_size)]
-    results = [f.result() for f in baseline_shard_task.map(root.url, plans, segmenter)] if plans else []
-    if plans:
-        refresh_catalog(root)
-    return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}

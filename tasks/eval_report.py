@@ -6,13 +6,11 @@ with matplotlib's Agg canvas directly (no pyplot, no display, no global backend 
 
 from __future__ import annotations
 
-import base64
 import io
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -136,16 +134,10 @@ def _preds(predictions: pl.DataFrame, method: str) -> pl.DataFrame:
     return p.unique(subset=["dataset", "image_id"], keep="last", maintain_order=True) if "image_id" in p.columns else p
 
 
-def _save(fig: Figure, path_or_file) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
-    data = buf.getvalue()
-    if isinstance(path_or_file, str):
-        with fsspec.open(path_or_file, "wb") as f:
-            f.write(data)
-    elif path_or_file is not None:
-        path_or_file.write(data)
-    return data
+    return buf.getvalue()
 
 
 def _empty(fig: Figure, text: str) -> None:
@@ -161,15 +153,14 @@ def _countries(truth: pl.Series, max_countries: int) -> list[str]:
     return codes if len(codes) <= max_countries else codes[: max_countries - 1]
 
 
-def confusion_png(predictions: pl.DataFrame, method: str, path_or_file=None, *, title: str | None = None,
+def confusion_png(predictions: pl.DataFrame, method: str, *, title: str | None = None,
                   max_countries: int = MAX_COUNTRIES) -> bytes:
-    """Row-normalised confusion matrix (rows truth, columns predicted) as PNG bytes; also written
-    to `path_or_file` (an fsspec URL or a binary file object) when given."""
+    """Row-normalised confusion matrix (rows truth, columns predicted) as PNG bytes."""
     p = _preds(predictions, method)
     fig = Figure(figsize=(4, 3), dpi=100)
     if p.is_empty():
         _empty(fig, f"no predictions for {method}")
-        return _save(fig, path_or_file)
+        return _png(fig)
     shown = _countries(p["country"], max_countries)
     truth_labels = shown + ([OTHER] if p["country"].n_unique() > len(shown) else [])
     known = set(shown)
@@ -202,17 +193,17 @@ def confusion_png(predictions: pl.DataFrame, method: str, path_or_file=None, *, 
     fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of the row")
     ax.set_title(title or f"confusion, {method} ({p.height} images)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path_or_file)
+    return _png(fig)
 
 
-def per_country_png(predictions: pl.DataFrame, method: str, path_or_file=None, *, title: str | None = None,
+def per_country_png(predictions: pl.DataFrame, method: str, *, title: str | None = None,
                     max_countries: int = MAX_COUNTRIES) -> bytes:
     """Per-country top-1 accuracy as horizontal bars, most frequent country on top, n in the labels."""
     p = _preds(predictions, method)
     fig = Figure(figsize=(4, 3), dpi=100)
     if p.is_empty():
         _empty(fig, f"no predictions for {method}")
-        return _save(fig, path_or_file)
+        return _png(fig)
     per = (
         p.group_by("country")
         .agg(n=pl.len(), acc=(pl.col("predicted") == pl.col("country")).fill_null(False).mean())
@@ -233,7 +224,7 @@ def per_country_png(predictions: pl.DataFrame, method: str, path_or_file=None, *
     more = f"; {hidden} smaller countries not shown" if hidden else ""
     ax.set_title((title or f"per-country top-1, {method} ({p.height} images)") + more, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path_or_file)
+    return _png(fig)
 
 
 # ---- the report
@@ -315,36 +306,3 @@ def save_report(root: DataRoot, eval_id: str, report: Report) -> dict[str, str]:
     paths["latest"] = root.path("reports", "latest.md")
     atomic_write(root, paths["latest"], lambda f: f.write(report.latest.encode()))
     return paths
-
-
-def write_report(root: DataRoot, eval_id: str, metrics: pl.DataFrame, predictions: pl.DataFrame, *,
-                 table1_datasets: list[str], table2_datasets: list[str], untrained: bool = False,
-                 notes: list[str] = (), figure_method: str = FIGURE_METHOD) -> dict[str, str]:
-    report = build_report(metrics, predictions, eval_id=eval_id, table1_datasets=table1_datasets,
-                          table2_datasets=table2_datasets, untrained=untrained, notes=notes,
-                          figure_method=figure_method)
-    return save_report(root, eval_id, report)
-
-
-# ---- Prefect artifacts (call inside a flow or task run)
-
-
-def png_markdown(title: str, data: bytes) -> str:
-    return f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})"
-
-
-def publish_artifacts(report_md: str, tables: dict[str, pl.DataFrame], pngs: dict[str, bytes]) -> None:
-    """The report (`evaluation-report`), the tables (`table-1`, `table-2`) and the figures as
-    markdown with inline PNGs (`confusion-matrix`, `per-country-accuracy`: the UI renders data
-    URLs in markdown; an image artifact wants a public URL)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    create_markdown_artifact(report_md, key="evaluation-report", description="evaluation report")
-    for key, t in tables.items():
-        create_table_artifact(t.to_dicts(), key=key, description=key.replace("-", " ").capitalize())
-    for prefix, key, what in (("confusion_", "confusion-matrix", "confusion matrix"),
-                              ("per_country_", "per-country-accuracy", "per-country top-1 accuracy")):
-        parts = [f"### {name[len(prefix):-len('.png')]}\n\n{png_markdown(what, data)}"
-                 for name, data in sorted(pngs.items()) if name.startswith(prefix)]
-        if parts:
-            create_markdown_artifact("\n\n".join(parts), key=key, description=what)

@@ -15,29 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
 
-from flows.params import EvalSpec
 from models.expert import Expert
 from models.labels import GROUPS
-from models.vote import fit_group_weights, logprob_vote, majority_vote, topk
-from storage.catalog import connect
+from models.vote import VOTES, fit_group_weights, image_scores, majority_vote, topk, with_fallback
 from storage.layout import DataRoot
+from storage.queries import catalog
 from storage.schema import METRICS, PREDICTIONS, to_table
 from storage.shards import Output, commit_shard, is_committed
 from tasks.baselines import source_key
+from tasks.loader import CropStream, make_loader
 from tasks.metrics import coverage_row, image_metrics
-from tasks.train import CropStream, make_loader
+from tasks.specs import EvalSpec
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 EVAL_VERSION = "1"
-VOTES = ("majority", "logprob", "learned")
 TOP_K = 5
 
 
@@ -46,17 +44,14 @@ TOP_K = 5
 
 def select_experts(root: DataRoot, spec: EvalSpec) -> pl.DataFrame:
     """The latest registered expert per group (for one segmenter, or one training run)."""
-    con = connect(root, fresh=True)
-    try:
-        experts = con.sql("SELECT * FROM experts ORDER BY created_at DESC").pl()
-    finally:
-        con.close()
+    with catalog(root, fresh=True) as cat:
+        experts = cat.experts()
     if spec.experts_run:
         experts = experts.filter(pl.col("run_id") == spec.experts_run)
-    segmenter = spec.segmenter or (experts.filter(pl.col("group").is_in(GROUPS))["segmenter"].head(1).to_list() or [None])[0]
-    experts = experts.filter(pl.col("segmenter") == segmenter).unique("group", keep="first", maintain_order=True)
+    segmenter_id = spec.segmenter or (experts.filter(pl.col("group").is_in(GROUPS))["segmenter"].head(1).to_list() or [None])[0]
+    experts = experts.filter(pl.col("segmenter") == segmenter_id).unique("group", keep="first", maintain_order=True)
     if experts.is_empty():
-        raise LookupError(f"no registered experts at {root.url}" + (f" for segmenter {segmenter}" if segmenter else "")
+        raise LookupError(f"no registered experts at {root.url}" + (f" for segmenter {segmenter_id}" if segmenter_id else "")
                           + (f" in run {spec.experts_run}" if spec.experts_run else "") + "; run train-experts first")
     return experts
 
@@ -64,24 +59,10 @@ def select_experts(root: DataRoot, spec: EvalSpec) -> pl.DataFrame:
 # ---------------------------------------------------------------- crop probabilities
 
 
-@dataclass
-class Crops:
-    """Crops of some images with their expert probabilities over the global country list."""
-
-    frame: pl.DataFrame  # feature_id, image_id, dataset, group, filename
-    probs: np.ndarray  # [n, C]
-
-
-def load_crops(root: DataRoot, segmenter: str, groups: list[str], split: str, datasets: list[str]) -> pl.DataFrame:
-    keys = sorted({source_key(g, segmenter) for g in groups})
-    con = connect(root, fresh=True)
-    try:
-        return con.sql(
-            "SELECT feature_id, image_id, dataset, \"group\", filename FROM features WHERE split = ? "
-            "AND dataset IN (SELECT unnest(?)) AND segmenter IN (SELECT unnest(?)) AND \"group\" IN (SELECT unnest(?)) "
-            "ORDER BY dataset, image_id, feature_id", params=[split, datasets, keys, groups]).pl()
-    finally:
-        con.close()
+def load_crops(root: DataRoot, segmenter_id: str, groups: list[str], split: str, datasets: list[str]) -> pl.DataFrame:
+    """feature_id, image_id, dataset, group, filename of the groups' crops (baselines: their own keys)."""
+    with catalog(root, fresh=True) as cat:
+        return cat.crops(sorted({source_key(g, segmenter_id) for g in groups}), groups, split, datasets)
 
 
 def expert_probs(root: DataRoot, expert: Expert, frame: pl.DataFrame, batch_size: int, workers: int) -> np.ndarray:
@@ -109,7 +90,7 @@ def crop_probabilities(root: DataRoot, experts: pl.DataFrame, frame: pl.DataFram
         if row["expert_id"] not in loaded:
             loaded[row["expert_id"]] = Expert.from_pretrained(row["uri"], device=spec.device)
         expert = loaded[row["expert_id"]]
-        p = expert_probs(root, expert, frame[idx], spec.batch_size, workers=0 if expert.device.type == "cpu" else 4)
+        p = expert_probs(root, expert, frame[idx], spec.batch_size, workers=spec.workers_for(expert.device.type))
         probs[np.ix_(idx, [column[c] for c in expert.labels])] = p
     return probs
 
@@ -122,14 +103,6 @@ def _rank(scores: np.ndarray, countries: list[str]) -> tuple[list[list[str]], li
     ranked = [[countries[j] for j in row if j >= 0] for row in idx]
     score = [[float(v) for v, j in zip(vrow, irow) if j >= 0] for vrow, irow in zip(val, idx)]
     return ranked, score
-
-
-def image_scores(probs: np.ndarray, image_index: np.ndarray, group_index: np.ndarray, n_images: int,
-                 method: str, weights: np.ndarray | None) -> np.ndarray:
-    if method == "majority":
-        return majority_vote(probs, image_index, n_images)
-    return logprob_vote(probs, image_index, n_images, group_index=group_index,
-                        weights=weights if method == "learned" else None)
 
 
 def learn_weights(crops: pl.DataFrame, probs: np.ndarray, truth: dict[str, str], groups: list[str],
@@ -150,7 +123,7 @@ def learn_weights(crops: pl.DataFrame, probs: np.ndarray, truth: dict[str, str],
 
 def eval_id(experts: pl.DataFrame, spec: EvalSpec, test: pl.DataFrame) -> str:
     digest = hashlib.sha256(json.dumps([EVAL_VERSION, sorted(experts["expert_id"].to_list()),
-                                        spec.model_dump(exclude={"device", "batch_size", "benchmarks"})]).encode())
+                                        spec.identity()]).encode())
     for fid in test["feature_id"].sort():
         digest.update(fid.encode())
     return digest.hexdigest()[:12]
@@ -159,32 +132,27 @@ def eval_id(experts: pl.DataFrame, spec: EvalSpec, test: pl.DataFrame) -> str:
 def evaluate(root: DataRoot, spec: EvalSpec) -> dict:
     """Predict every test image of `spec.datasets` and commit `predictions` + `metrics`."""
     experts = select_experts(root, spec)
-    segmenter = experts["segmenter"][0]
-    con = connect(root, fresh=True)
-    try:
-        images = con.sql(
-            "SELECT image_id, dataset, country, lat, lon FROM images WHERE split = 'test' "
-            "AND (? IS NULL OR dataset IN (SELECT unnest(?))) ORDER BY dataset, image_id", params=[spec.datasets, spec.datasets or []]).pl()
-        val_images = con.sql("SELECT image_id, country FROM images WHERE split = 'val'").pl()
-    finally:
-        con.close()
+    segmenter_id = experts["segmenter"][0]
+    with catalog(root, fresh=True) as cat:
+        images = cat.test_images(spec.datasets)
+        val_images = cat.val_labels()
     datasets = sorted(images["dataset"].unique().to_list())
     if not datasets:
         raise LookupError(f"no test images in {spec.datasets or 'the catalog'} at {root.url}")
     groups = experts["group"].to_list()
     vote_groups = [g for g in GROUPS if g in groups]
     countries = sorted({c for labels in experts["labels"] for c in labels})
-    test = load_crops(root, segmenter, groups, "test", datasets)
+    test = load_crops(root, segmenter_id, groups, "test", datasets)
     eid = eval_id(experts, spec, test)
     untrained = bool(experts["untrained"].any())
-    summary = {"eval_id": eid, "segmenter": segmenter, "datasets": datasets, "experts": experts["expert_id"].to_list(),
+    summary = {"eval_id": eid, "segmenter": segmenter_id, "datasets": datasets, "experts": experts["expert_id"].to_list(),
                "untrained": untrained}
     if all(is_committed(root, STAGE, d, eid) for d in datasets):
         return {**summary, "cached": True}
 
     loaded: dict = {}
     probs = crop_probabilities(root, experts, test, countries, spec, loaded)
-    val = load_crops(root, segmenter, vote_groups, "val", _train_datasets(experts, root))
+    val = load_crops(root, segmenter_id, vote_groups, "val", _train_datasets(experts, root))
     val_probs = crop_probabilities(root, experts, val, countries, spec, loaded)
     truth_val = dict(zip(val_images["image_id"], val_images["country"]))
     weights = learn_weights(val, val_probs, truth_val, vote_groups, countries)
@@ -210,11 +178,8 @@ def _train_datasets(experts: pl.DataFrame, root: DataRoot) -> list[str]:
     named = {d for cfg in experts["config"] for d in (json.loads(cfg).get("datasets") or [])}
     if named:
         return sorted(named)
-    con = connect(root)
-    try:
-        return [r[0] for r in con.sql("SELECT DISTINCT dataset FROM images WHERE split = 'val'").fetchall()]
-    finally:
-        con.close()
+    with catalog(root) as cat:
+        return cat.datasets(split="val")
 
 
 def _evaluate_dataset(eid, dataset, imgs, test, probs, countries, groups, vote_groups, weights, spec, now):
@@ -259,10 +224,8 @@ def _evaluate_dataset(eid, dataset, imgs, test, probs, countries, groups, vote_g
     group_index = np.array([vote_groups.index(g) for g in frame["group"].filter(pl.Series(sel))], dtype=np.int64)
     covered = counts > 0
     for method in VOTES:
-        scores = image_scores(p[sel], image_index[sel], group_index, n, method, weights)
-        fallback = ~covered & (baseline is not None)
-        if baseline is not None:
-            scores = np.where(covered[:, None], scores, baseline)
+        scores, fallback = with_fallback(image_scores(p[sel], image_index[sel], group_index, n, method, weights),
+                                         baseline)
         add(method, scores, counts, fallback, everyone)
         metric_rows.append({"method": method, **coverage_row(covered, spec.bootstrap, spec.seed)})
     return pred_rows, metric_rows

@@ -1,6 +1,6 @@
 """Ingest: source layouts -> shard plans -> `images` / `quarantine` Parquet shards.
 
-Three steps, each a plain function (Prefect wrappers at the bottom):
+Three steps, each a plain function (the flow `ingest`, flows/ingest.py, runs them as Prefect tasks):
 1. `list_source`  reads a layout (g50, g3, im2gps, osv5m) into candidates with labels, and
                   quarantines what is wrong before any pixel is read (unknown country,
                   missing file, bad coordinates).
@@ -12,23 +12,19 @@ Three steps, each a plain function (Prefect wrappers at the bottom):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from storage import sources
-from storage.catalog import connect
 from storage.layout import DataRoot
+from storage.queries import catalog
 from storage.schema import IMAGES, QUARANTINE, to_table
-from storage.shards import Output, commit_shard, is_committed, read_commits
+from storage.shards import Output, commit_shard, drop_shards, is_committed, read_commits, shard_id
 from tasks.geo import Country, countries_at, country_from_code, country_from_name, valid_latlon
-from tasks.retry import RETRY_DELAYS, retry_transient
 from tasks.splits import split_of
 from tasks.validate import BadInput, inspect_image, is_image_name
 
@@ -318,21 +314,12 @@ def committed_keys(root: DataRoot, dataset: str) -> set[tuple]:
     """(uri, size, mtime) of every input this dataset already turned into a row."""
     if not any(r.dataset == dataset for r in read_commits(root, STAGE)):
         return set()
-    con = connect(root, fresh=True)
-    try:
-        rows = con.execute(
-            "SELECT source_uri, size_bytes, source_mtime FROM images_all WHERE dataset = ? "
-            "UNION ALL SELECT source_uri, size_bytes, source_mtime FROM quarantine_all WHERE dataset = ?",
-            [dataset, dataset],
-        ).fetchall()
-    finally:
-        con.close()
-    return {tuple(r) for r in rows}
+    with catalog(root, fresh=True) as cat:
+        return cat.ingested_keys(dataset)
 
 
 def _shard_id(dataset: str, params: dict, items: list[BaseModel]) -> str:
-    payload = json.dumps([dataset, INGEST_VERSION, params, [i.model_dump() for i in items]], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return shard_id([dataset, INGEST_VERSION, params, [i.model_dump() for i in items]])
 
 
 def plan_shards(
@@ -428,38 +415,15 @@ def ingest_shard(root: DataRoot, plan: ShardPlan, ingested_at: datetime | None =
 
 def drop_dataset(root: DataRoot, dataset: str) -> int:
     """Remove a dataset's ingest shards (records first, so readers never see half of it)."""
-    fs = root.fs
-    records = [r for r in read_commits(root, STAGE) if r.dataset == dataset]
-    for r in records:
-        fs.rm(root.commit_path(STAGE, dataset, r.shard_id))
-    for r in records:
-        for rel in (rel for rels in r.files.values() for rel in rels):
-            if fs.exists(root.path(rel)):
-                fs.rm(root.path(rel))
-    return len(records)
+    return drop_shards(root, STAGE, dataset)
 
 
-# ---------------------------------------------------------------- Prefect edge
-
-# The commit record is the cache: shard ids hash (uri, size, mtime) of every input, the
-# parameters and INGEST_VERSION, and a committed shard is never redone. Prefect's own
-# result cache is off so it can never claim a shard done whose files were deleted.
-
-
-@task(name="plan-ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient)
-def plan_ingest_task(home: str, layout: str, source: str, images: str | None, params: dict,
-                     shard_size: int) -> tuple[list[ShardPlan], list[str]]:
-    root = DataRoot(home)
+def plan_ingest(root: DataRoot, layout: str, source: str, images: str | None, params: dict,
+                shard_size: int) -> tuple[list[ShardPlan], list[str]]:
+    """List a source and plan shards of what is new; returns (plans, listing warnings)."""
     listing = list_source(layout, source, images)
     known = committed_keys(root, params["dataset"])
     plans = plan_shards(params["dataset"], listing, known, params, shard_size)
     log.info("%s: %d candidates, %d rejected while listing, %d already ingested, %d shard(s) to do",
              params["dataset"], len(listing.candidates), len(listing.rejected), len(known), len(plans))
     return plans, listing.warnings
-
-
-@task(name="ingest-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, task_run_name="ingest-{plan.dataset}-{plan.shard_id}")
-def ingest_shard_task(home: str, plan: ShardPlan, ingested_at: datetime) -> dict:
-    return ingest_shard(DataRoot(home), plan, ingested_at)

@@ -10,15 +10,15 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from flows.params import EvalSpec
 from models.expert import Expert
 from models.labels import GROUPS
-from models.vote import logprob_vote, majority_vote, topk
+from models.vote import image_scores, topk, with_fallback
 from storage import sources
 from storage.layout import DataRoot
 from tasks.evaluate import select_experts
-from tasks.segment import (ImageRef, ShardImages, _collate, _predict, _Batching, cut_crop, label_groups,
-                           load_backend, segmenter_specs, select_segments)
+from tasks.segment import (BatchSegmenter, ImageRef, ShardImages, collate_images, cut_crop, label_groups,
+                           load_segmenter, segmenter_specs, select_segments)
+from tasks.specs import EvalSpec
 from tasks.validate import BadInput, load_rgb
 
 METHODS = ("logprob", "majority")
@@ -36,11 +36,11 @@ def _dataset_for(uri: str, spec) -> str:
 class Predictor:
     def __init__(self, root: DataRoot, device: str = "auto", experts_run: str | None = None):
         self.experts = select_experts(root, EvalSpec(experts_run=experts_run))
-        self.segmenter = self.experts["segmenter"][0]
-        self.seg_spec, self.crop_spec = segmenter_specs(root, self.segmenter)
+        self.segmenter_id = self.experts["segmenter"][0]
+        self.seg_spec, self.crop_spec = segmenter_specs(root, self.segmenter_id)
         self.device = device
-        self.backend = load_backend(self.seg_spec, device)
-        self.groups = label_groups(self.seg_spec, self.backend)
+        self.segmenter = load_segmenter(self.seg_spec, device)
+        self.groups = label_groups(self.seg_spec, self.segmenter)
         self.models = {r["group"]: Expert.from_pretrained(r["uri"], device=device)
                        for r in self.experts.iter_rows(named=True)}
         self.countries = sorted({c for m in self.models.values() for c in m.labels})
@@ -48,11 +48,13 @@ class Predictor:
 
     def crops(self, uri: str) -> tuple[list[dict], list[Image.Image]]:
         ref = ImageRef(image_id="-", dataset=_dataset_for(uri, self.seg_spec), split="test", country="-", source_uri=uri)
-        item = ShardImages([ref], self.seg_spec, self.backend)[0]
+        item = ShardImages([ref], self.seg_spec, self.segmenter)[0]
         if "error" in item:
             raise BadInput(*item["error"])
-        batch = _collate([item])
-        (segments,) = _predict(self.backend, self.seg_spec, batch["good"], batch["pixels"], _Batching(1))
+        batch = collate_images([item])
+        (segments,) = BatchSegmenter(self.segmenter, self.seg_spec, 1)(batch["good"], batch["pixels"])
+        if isinstance(segments, Exception):
+            raise BadInput("segmenter_error", f"{type(segments).__name__}: {segments}")
         image = item["image"].numpy()
         meta, images = [], []
         for seg, group, _rank in select_segments(segments or [], self.groups, self.crop_spec):
@@ -68,6 +70,9 @@ class Predictor:
         out[:, [self.countries.index(c) for c in model.labels]] = p
         return out
 
+    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.countries)), dtype=np.float32)
+
     def predict(self, uri: str, top_k: int = 5, method: str = "logprob") -> dict:
         if not sources.exists(uri):
             return {"image": uri, "error": "no such file"}
@@ -78,23 +83,25 @@ class Predictor:
             return {"image": uri, "error": f"{reason}: {getattr(exc, 'detail', exc)}"}
         vote_groups = [g for g in GROUPS if g in self.models]
         rows = [k for k, m in enumerate(meta) if m["group"] in vote_groups]
-        fallback = not rows
-        if fallback and "image" in self.models:
+        probs = self._stack([self._probs(meta[k]["group"], [images[k]]) for k in rows])
+        scores = image_scores(probs, np.zeros(len(rows), dtype=np.int64), None, 1, method)
+        fallback_scores = None
+        if not rows and "image" in self.models:  # the same policy as evaluate: the whole-image expert
             whole = load_rgb(sources.read_bytes(uri))
             meta, images, rows = [{"label": "whole image", "group": "image", "bbox": [0, 0, *whole.size],
                                    "score": 1.0}], [whole], [0]
+            probs = self._probs("image", [whole])
+            fallback_scores = image_scores(probs, np.zeros(1, dtype=np.int64), None, 1, method)
+        scores, fell_back = with_fallback(scores, fallback_scores)
+        fallback = bool(fell_back[0])
         if not rows:
             return {"image": uri, "error": "no crops and no whole-image expert to fall back on"}
-        probs = np.concatenate([self._probs(meta[k]["group"], [images[k]]) for k in rows])
-        index = np.zeros(len(rows), dtype=np.int64)
-        vote = majority_vote if method == "majority" else logprob_vote
-        scores = vote(probs, index, 1)
         idx, val = topk(scores, min(top_k, len(self.countries)))
         crops = []
         for p, k in zip(probs, rows):
             best = int(np.argmax(p))
             crops.append({**meta[k], "top_country": self.countries[best], "confidence": round(float(p[best]), 4)})
-        return {"image": uri, "method": method, "segmenter": self.segmenter, "fallback": fallback,
+        return {"image": uri, "method": method, "segmenter": self.segmenter_id, "fallback": fallback,
                 "untrained": self.untrained,
                 "top_k": [{"country": self.countries[j], "probability": round(float(v), 4)}
                           for j, v in zip(idx[0], val[0]) if j >= 0],

@@ -1,44 +1,29 @@
-"""Catalog summaries through DuckDB: printed by the CLI, published as Prefect artifacts."""
+"""Catalog summaries and checks as text: printed by the CLI, published by the flows as artifacts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
-from storage.catalog import connect
 from storage.layout import DataRoot
+from storage.queries import catalog
 
-SUMMARY_QUERIES = {
-    "Images per dataset and split": """
-        SELECT dataset, split, count(*) AS images, count(DISTINCT country) AS countries
-        FROM images GROUP BY ALL ORDER BY ALL""",
-    "Images per country": """
-        SELECT dataset, country, any_value(country_name) AS country_name, any_value(continent) AS continent,
-               count(*) AS images,
-               count(*) FILTER (WHERE split = 'train') AS train,
-               count(*) FILTER (WHERE split = 'val') AS val,
-               count(*) FILTER (WHERE split = 'test') AS test
-        FROM images GROUP BY dataset, country ORDER BY dataset, images DESC, country""",
-    "Crops per country and group": """
-        SELECT segmenter, country,
-               count(*) FILTER (WHERE "group" = 'ground') AS ground,
-               count(*) FILTER (WHERE "group" = 'structure') AS structure,
-               count(*) FILTER (WHERE "group" = 'vegetation') AS vegetation,
-               count(*) FILTER (WHERE "group" = 'vehicle') AS vehicle,
-               count(*) FILTER (WHERE "group" = 'furniture') AS furniture,
-               count(DISTINCT image_id) AS images, bool_or(untrained) AS untrained
-        FROM features GROUP BY ALL ORDER BY segmenter, country""",
-    "Quarantine by reason": """
-        SELECT dataset, reason, count(*) AS inputs, min(detail) AS example
-        FROM quarantine GROUP BY ALL ORDER BY dataset, inputs DESC, reason""",
-}
+
+@dataclass
+class Check:
+    """One named property of the data: passed or not, a detail line, and the rows behind it."""
+
+    name: str
+    passed: bool
+    detail: str
+    table: pa.Table | None = None
 
 
 def catalog_summary(root: DataRoot) -> dict[str, pa.Table]:
-    con = connect(root)
-    try:
-        return {title: con.sql(sql).to_arrow_table() for title, sql in SUMMARY_QUERIES.items()}
-    finally:
-        con.close()
+    """Images per dataset/split/country, crops per country and group, quarantine reasons."""
+    with catalog(root) as cat:
+        return cat.summary()
 
 
 def md_table(table: pa.Table) -> str:
@@ -52,3 +37,13 @@ def md_table(table: pa.Table) -> str:
 
 def summary_markdown(tables: dict[str, pa.Table]) -> str:
     return "\n\n".join(f"### {title}\n\n{md_table(t)}" for title, t in tables.items())
+
+
+def checks_markdown(title: str, checks: list[Check], failed_rows_only: bool = False, show: int | None = None) -> str:
+    """A checks list as markdown: one PASS/FAIL line each, then the tables behind them."""
+    lines = [f"## {title}", ""]
+    lines += [f"- {'PASS' if c.passed else '**FAIL**'} {c.name}: {c.detail}" for c in checks]
+    for c in checks:
+        if c.table is not None and c.table.num_rows and not (failed_rows_only and c.passed):
+            lines += ["", f"### {c.name}" + (f" (first {show})" if show else ""), "", md_table(c.table)]
+    return "\n".join(lines)

@@ -1,6 +1,9 @@
-"""Segment: images -> segments (Mask2Former or ground truth) -> feature crops in Parquet.
+"""Stage `segment`: images -> segments (Mask2Former or ground truth) -> feature crops in Parquet.
 
-Plain functions; the Prefect task is at the bottom. One shard task:
+Three words, three things: the SegmenterSpec (`spec`, what to run), the segmenter id (`segmenter_id`,
+the `segmenter` value of every row: name@revision-<hash of the spec and crops>), and the loaded
+segmenter (`load_segmenter`: a Mask2Former or the ground-truth annotations). Plain functions; the
+flow `segment` (flows/segment.py) runs `segment_shard` as one Prefect task per shard. One shard:
   DataLoader workers read, decode, cut the overlay and preprocess (prefetching) ->
   the model runs batch after batch (bf16 on CUDA, batch halved on OOM) ->
   post-processing at mask resolution picks segments -> crops are cut from the original
@@ -16,26 +19,25 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
-from flows.params import CropSpec, RunOptions, SegmenterSpec
 from models.labels import GROUPS, label_set_for_checkpoint, load_label_map
 from models.segmenter import Segment
 from storage import sources
-from storage.catalog import connect
 from storage.layout import DataRoot
+from storage.queries import catalog
 from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
-from storage.shards import Output, commit_shard, is_committed, read_commits
-from tasks.retry import RETRY_DELAYS, retry_transient
+from storage.shards import Output, commit_shard, is_committed, read_commits, shard_id
+from tasks.loader import worker_init
+from tasks.specs import CropSpec, RunOptions, SegmenterSpec
 from tasks.validate import BadInput, load_rgb
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ MAX_ASPECT = 12.0  # width/height (or inverse) beyond this is a strip, not a sce
 # ---------------------------------------------------------------- identity
 
 
-def segmenter_key(spec: SegmenterSpec, crops: CropSpec) -> str:
+def segmenter_id(spec: SegmenterSpec, crops: CropSpec) -> str:
     """The `segmenter` value of every row: name@revision-<hash of everything that changes output>."""
-    payload = json.dumps([SEGMENT_VERSION, spec.model_dump(), crops.model_dump()], sort_keys=True)
+    payload = json.dumps([SEGMENT_VERSION, spec.identity(), crops.identity()], sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     if spec.kind == "annotations":
         name = "annotations"
@@ -62,16 +64,16 @@ def segmenter_key(spec: SegmenterSpec, crops: CropSpec) -> str:
     return f"{name}@{spec.revision or 'main'}-{digest}"
 
 
-def segmenter_specs(root: DataRoot, key: str) -> tuple[SegmenterSpec, CropSpec]:
+def segmenter_specs(root: DataRoot, segmenter_id: str) -> tuple[SegmenterSpec, CropSpec]:
     """The specs a segmenter id was made from, read back from its completion records."""
     for record in read_commits(root, STAGE):
-        if record.params.get("segmenter") == key:
+        if record.params.get("segmenter") == segmenter_id:
             return (SegmenterSpec.model_validate(record.params["spec"]),
                     CropSpec.model_validate(record.params["crops"]))
-    raise LookupError(f"segmenter {key!r} has no completed segmentation shard under {root.url}")
+    raise LookupError(f"segmenter {segmenter_id!r} has no completed segmentation shard under {root.url}")
 
 
-# ---------------------------------------------------------------- backends
+# ---------------------------------------------------------------- loaded segmenters
 
 
 class ImageRef(BaseModel):
@@ -87,12 +89,12 @@ class SegmentPlan(BaseModel):
 
     dataset: str
     shard_id: str
-    segmenter: str
+    segmenter_id: str
     images: list[ImageRef]
 
 
 @lru_cache(maxsize=2)
-def _backend(spec_json: str, device: str):
+def _load(spec_json: str, device: str):
     """Load a segmenter once per process (tasks in one run share it)."""
     spec = SegmenterSpec.model_validate_json(spec_json)
     if spec.kind == "annotations":
@@ -109,16 +111,17 @@ def _backend(spec_json: str, device: str):
     return Mask2FormerSegmenter.from_pretrained(spec.checkpoint, spec.revision, device=device, input_size=size)
 
 
-def load_backend(spec: SegmenterSpec, device: str = "auto"):
-    return _backend(spec.model_dump_json(), device)
+def load_segmenter(spec: SegmenterSpec, device: str = "auto"):
+    """The loaded segmenter of a spec: a Mask2FormerSegmenter or an AnnotationsSegmenter."""
+    return _load(spec.model_dump_json(), device)
 
 
-def label_groups(spec: SegmenterSpec, backend) -> dict[str, str]:
+def label_groups(spec: SegmenterSpec, segmenter) -> dict[str, str]:
     """label -> group for this segmenter; labels it does not know are dropped, loudly."""
     if spec.label_set:
         return {label.name: label.group for label in load_label_map(spec.label_set).labels}
     if spec.kind == "annotations":
-        return backend.label_groups()
+        return segmenter.label_groups()
     if spec.kind == "tiny-random":
         return {label.name: label.group for label in load_label_map("demo").labels}
     name = label_set_for_checkpoint(spec.checkpoint)
@@ -143,10 +146,10 @@ def overlay_rows(height: int, spec: SegmenterSpec, dataset: str) -> tuple[int, i
 class ShardImages(Dataset):
     """Reads, decodes and preprocesses one shard's images; errors become items, not exceptions."""
 
-    def __init__(self, refs: list[ImageRef], spec: SegmenterSpec, backend):
+    def __init__(self, refs: list[ImageRef], spec: SegmenterSpec, segmenter):
         self.refs, self.spec = refs, spec
-        self.preprocessor = getattr(backend, "preprocessor", None)  # picklable; None for annotations
-        self.annotations = backend if spec.kind == "annotations" else None
+        self.preprocessor = getattr(segmenter, "preprocessor", None)  # picklable; None for annotations
+        self.annotations = segmenter if spec.kind == "annotations" else None
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -171,11 +174,7 @@ class ShardImages(Dataset):
             return {"index": i, "error": ("missing_file", f"vanished after ingest: {exc}")}
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decode workers must not compete with the model for cores
-
-
-def _collate(items: list[dict]) -> dict:
+def collate_images(items: list[dict]) -> dict:
     """Original images differ in size and stay a list; model inputs are stacked here, in the
     worker, so the DataLoader can pin them for a non-blocking copy to the GPU."""
     good = [item for item in items if "error" not in item]
@@ -187,36 +186,41 @@ def _collate(items: list[dict]) -> dict:
 
 
 @dataclass
-class _Batching:
-    size: int
+class BatchSegmenter:
+    """Runs a loaded segmenter over collated batches. On CUDA OOM the batch is halved (and stays
+    halved); a batch that fails otherwise is retried image by image, so one bad image cannot fail
+    the shard: its result is the exception, where the others' are their segments."""
 
+    segmenter: Any
+    spec: SegmenterSpec
+    size: int  # images per model call; shrinks on OOM
 
-def _predict(backend, spec: SegmenterSpec, items: list[dict], pixels, batching: _Batching) -> list:
-    """Segments per item. On CUDA OOM the batch is halved (and stays halved); a batch that
-    fails otherwise is retried image by image so one bad image cannot fail the shard."""
-    def part(a: int, b: int) -> list:
-        return _predict(backend, spec, items[a:b], None if pixels is None else pixels[a:b], batching)
+    def __call__(self, items: list[dict], pixels) -> list:
+        """Segments (or None: no annotation, or the exception) per item, in order."""
+        def part(a: int, b: int) -> list:
+            return self(items[a:b], None if pixels is None else pixels[a:b])
 
-    if len(items) > batching.size:
-        step = batching.size  # fixed for this split, even if a part shrinks batching.size on OOM
-        return [seg for k in range(0, len(items), step) for seg in part(k, k + step)]
-    sizes = [tuple(item["image"].shape[:2]) for item in items]
-    try:
-        if spec.kind == "annotations":
-            return backend.predict(items, sizes)
-        return backend.predict(pixels, sizes, mode=spec.mode, score_threshold=spec.score_threshold,
-                               mask_threshold=spec.mask_threshold, overlap_threshold=spec.overlap_threshold)
-    except torch.cuda.OutOfMemoryError:
-        if len(items) == 1:
-            raise
-        torch.cuda.empty_cache()
-        batching.size = max(1, len(items) // 2)
-        log.warning("CUDA out of memory at batch %d: continuing at batch %d", len(items), batching.size)
-        return part(0, len(items))
-    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model
-        if len(items) == 1:
-            return [exc]
-        return [seg for k in range(len(items)) for seg in part(k, k + 1)]
+        if len(items) > self.size:
+            step = self.size  # fixed for this split, even if a part shrinks self.size on OOM
+            return [seg for k in range(0, len(items), step) for seg in part(k, k + step)]
+        sizes = [tuple(item["image"].shape[:2]) for item in items]
+        spec = self.spec
+        try:
+            if spec.kind == "annotations":
+                return self.segmenter.predict(items, sizes)
+            return self.segmenter.predict(pixels, sizes, mode=spec.mode, score_threshold=spec.score_threshold,
+                                          mask_threshold=spec.mask_threshold, overlap_threshold=spec.overlap_threshold)
+        except torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.size = max(1, len(items) // 2)
+            log.warning("CUDA out of memory at batch %d: continuing at batch %d", len(items), self.size)
+            return part(0, len(items))
+        except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model
+            if len(items) == 1:
+                return [exc]
+            return [seg for k in range(len(items)) for seg in part(k, k + 1)]
 
 
 # ---------------------------------------------------------------- crops (pure)
@@ -265,31 +269,24 @@ def encode(img: Image.Image, crops: CropSpec) -> bytes:
     return buf.getvalue()
 
 
-def feature_id(segmenter: str, dataset: str, image_id: str, label: str, rank: int) -> str:
+def feature_id(segmenter_id: str, dataset: str, image_id: str, label: str, rank: int) -> str:
     """Deterministic: the same crop gets the same id on every run (and a rerun after kill -9)."""
-    return hashlib.sha256(f"{segmenter}|{dataset}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{segmenter_id}|{dataset}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------- plan and run
 
 
-def plan_segmentation(root: DataRoot, dataset: str, segmenter: str, shard_size: int) -> list[SegmentPlan]:
+def plan_segment(root: DataRoot, dataset: str, segmenter_id: str, shard_size: int) -> list[SegmentPlan]:
     """Images of `dataset` this segmenter version has not segmented yet, in shards."""
-    con = connect(root, fresh=True)
-    try:
-        rows = con.execute(
-            "SELECT image_id, dataset, split, country, source_uri FROM images WHERE dataset = ? "
-            "AND image_id NOT IN (SELECT image_id FROM segmentations "
-            "                     WHERE segmenter = ? AND dataset = ? AND status <> 'error') "
-            "ORDER BY image_id", [dataset, segmenter, dataset]).fetchall()
-    finally:
-        con.close()
+    with catalog(root, fresh=True) as cat:
+        rows = cat.unsegmented_images(dataset, segmenter_id)
     refs = [ImageRef(image_id=r[0], dataset=r[1], split=r[2], country=r[3], source_uri=r[4]) for r in rows]
     plans = []
     for k in range(0, len(refs), shard_size):
         chunk = refs[k:k + shard_size]
-        digest = hashlib.sha256(json.dumps([segmenter, dataset, [r.image_id for r in chunk]]).encode())
-        plans.append(SegmentPlan(dataset=dataset, shard_id=digest.hexdigest()[:20], segmenter=segmenter, images=chunk))
+        plans.append(SegmentPlan(dataset=dataset, shard_id=shard_id([segmenter_id, dataset, [r.image_id for r in chunk]]),
+                                 segmenter_id=segmenter_id, images=chunk))
     return plans
 
 
@@ -297,27 +294,27 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
     """Segment one shard and commit its crops; returns counts (and `model_calls`)."""
     if is_committed(root, STAGE, plan.dataset, plan.shard_id):
         return {"shard_id": plan.shard_id, "cached": True, "images": 0, "crops": 0, "model_calls": 0}
-    backend = load_backend(spec, run.device)
-    groups = label_groups(spec, backend)
-    untrained = bool(getattr(backend, "untrained", False))
+    segmenter = load_segmenter(spec, run.device)
+    groups = label_groups(spec, segmenter)
+    untrained = bool(getattr(segmenter, "untrained", False))
     now = datetime.now(timezone.utc)
-    device = getattr(backend, "device", None)
+    device = getattr(segmenter, "device", None)
     workers = run.workers_for(device.type if device is not None else "cpu")
-    loader = DataLoader(ShardImages(plan.images, spec, backend), batch_size=run.batch_size, collate_fn=_collate,
+    loader = DataLoader(ShardImages(plan.images, spec, segmenter), batch_size=run.batch_size, collate_fn=collate_images,
                         num_workers=workers, prefetch_factor=2 if workers else None,
-                        worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())
-    batching = _Batching(run.batch_size)
+                        worker_init_fn=worker_init, pin_memory=torch.cuda.is_available())
+    segment_batch = BatchSegmenter(segmenter, spec, run.batch_size)
     features: list[tuple[dict, Future]] = []
     logs, quarantined, model_calls = [], [], 0
     unknown: set[str] = set()  # labels the label map does not know: dropped, and said so below
 
     def record(ref: ImageRef, status: str, n: int) -> None:
-        logs.append({"image_id": ref.image_id, "dataset": ref.dataset, "segmenter": plan.segmenter,
+        logs.append({"image_id": ref.image_id, "dataset": ref.dataset, "segmenter": plan.segmenter_id,
                      "status": status, "crops": n, "created_at": now})
 
     def reject(ref: ImageRef, reason: str, detail: str) -> None:
         quarantined.append({"source_uri": ref.source_uri, "dataset": ref.dataset, "stage": STAGE, "reason": reason,
-                            "detail": f"segmenter {plan.segmenter}: {detail}", "size_bytes": None,
+                            "detail": f"segmenter {plan.segmenter_id}: {detail}", "size_bytes": None,
                             "source_mtime": None, "seen_at": now})
         # A model failure may be transient (CUDA, a bug fixed later): `error` is planned again.
         record(ref, "error" if reason == "segmenter_error" else "quarantined", 0)
@@ -328,7 +325,7 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
             for item in batch["items"]:
                 if "error" in item:
                     reject(plan.images[item["index"]], *item["error"])
-            results = _predict(backend, spec, good, batch["pixels"], batching) if good else []
+            results = segment_batch(good, batch["pixels"]) if good else []
             model_calls += bool(good)
             for item, segments in zip(good, results):
                 ref = plan.images[item["index"]]
@@ -345,46 +342,25 @@ def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops:
                 for seg, group, rank in chosen:
                     x0, y0, x1, y1 = seg.bbox
                     crop = cut_crop(image, seg, crops)
-                    fid = feature_id(plan.segmenter, ref.dataset, ref.image_id, seg.label, rank)
+                    fid = feature_id(plan.segmenter_id, ref.dataset, ref.image_id, seg.label, rank)
                     row = {"feature_id": fid, "image_id": ref.image_id, "dataset": ref.dataset, "split": ref.split,
                            "country": ref.country, "label": seg.label, "group": group, "score": float(seg.score),
                            "bbox": [x0, y0 + item["top"], x1, y1 + item["top"]], "area": int(seg.area),
-                           "crop_width": crop.width, "crop_height": crop.height, "segmenter": plan.segmenter,
+                           "crop_width": crop.width, "crop_height": crop.height, "segmenter": plan.segmenter_id,
                            "untrained": untrained, "created_at": now}
                     features.append((row, pool.submit(encode, crop, crops)))
         ext = "jpg" if crops.format == "jpeg" else "webp"
         rows = [dict(row, crop={"bytes": fut.result(), "path": f"{row['feature_id']}.{ext}"}) for row, fut in features]
 
-    outputs = [Output("features", {"segmenter": plan.segmenter, "dataset": plan.dataset, "group": g},
+    outputs = [Output("features", {"segmenter": plan.segmenter_id, "dataset": plan.dataset, "group": g},
                       to_table([r for r in rows if r["group"] == g], FEATURES)) for g in GROUPS]
-    outputs += [Output("segmentations", {"segmenter": plan.segmenter, "dataset": plan.dataset}, to_table(logs, SEGMENTATIONS)),
+    outputs += [Output("segmentations", {"segmenter": plan.segmenter_id, "dataset": plan.dataset}, to_table(logs, SEGMENTATIONS)),
                 Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))]
     commit_shard(root, STAGE, plan.dataset, plan.shard_id, outputs,
-                 params={"segmenter": plan.segmenter, "spec": spec.model_dump(), "crops": crops.model_dump()})
+                 params={"segmenter": plan.segmenter_id, "spec": spec.model_dump(), "crops": crops.model_dump()})
     if unknown:
         log.warning("shard %s: labels with no group in the label map were dropped: %s", plan.shard_id, sorted(unknown))
     if untrained:
         log.warning("shard %s: crops come from an UNTRAINED random-init segmenter", plan.shard_id)
     return {"shard_id": plan.shard_id, "cached": False, "images": len(plan.images), "crops": len(rows),
             "quarantined": len(quarantined), "model_calls": model_calls}
-
-
-# ---------------------------------------------------------------- Prefect edge
-
-# Global concurrency limit held by a GPU stage (segmentation, training) while it runs, so two
-# flows never share a GPU. Held per stage, not per shard task: in Prefect 3.9 a slot acquired
-# inside a task costs ~2 s (lease-renewal thread join), measured in benchmarks/segment_throughput.py.
-GPU_LIMIT = "gpu"
-
-
-@task(name="plan-segmentation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient)
-def plan_segmentation_task(home: str, dataset: str, segmenter: str, shard_size: int) -> list[SegmentPlan]:
-    return plan_segmentation(DataRoot(home), dataset, segmenter, shard_size)
-
-
-@task(name="segment-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, task_run_name="segment-{plan.dataset}-{plan.shard_id}")
-def segment_shard_task(home: str, plan: SegmentPlan, spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> dict:
-    """The commit record is the cache (see tasks/ingest.py)."""
-    return segment_shard(DataRoot(home), plan, spec, crops, run)

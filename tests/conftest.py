@@ -43,7 +43,7 @@ EXPERT_TRAIN = {"checkpoint": "tiny-random", "groups": ["ground", "furniture"], 
 @pytest.fixture(scope="session")
 def demo_catalog(prefect_harness, tmp_path_factory) -> DataRoot:
     from flows.build_feature_datasets import build_feature_datasets
-    from flows.params import CropSpec, DemoSpec, SegmenterSpec
+    from tasks.specs import CropSpec, DemoSpec, SegmenterSpec
 
     root = DataRoot(str(tmp_path_factory.mktemp("experts") / "home"))
     build_feature_datasets(demo=DemoSpec(**EXPERT_DEMO), segmenter=SegmenterSpec(kind="annotations"),
@@ -53,7 +53,7 @@ def demo_catalog(prefect_harness, tmp_path_factory) -> DataRoot:
 
 @pytest.fixture(scope="session")
 def trained_demo(demo_catalog) -> tuple[DataRoot, dict]:
-    from flows.params import TrainSpec
+    from tasks.specs import TrainSpec
     from flows.train_experts import train_experts
 
     return demo_catalog, train_experts(TrainSpec(**EXPERT_TRAIN), home=demo_catalog.url)

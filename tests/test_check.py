@@ -142,7 +142,7 @@ def test_check_refuses_a_root_that_does_not_exist(tmp_path, monkeypatch):
 
 def test_the_build_gate_blocks_a_broken_catalog_and_reports_a_stale_one(catalog):
     from flows.build_feature_datasets import build_feature_datasets
-    from flows.params import SourceSpec
+    from tasks.specs import SourceSpec
 
     row = first_row(catalog, "SELECT * EXCLUDE (filename) FROM features_all WHERE split = 'train'")
     commit_features(catalog, "stale-split", [{**row, "feature_id": "stale" + row["feature_id"][5:], "split": "test"}])

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.params import CropSpec, DemoSpec, RunnerSpec, SegmenterSpec
+from flows.runner import RunnerSpec
+from tasks.specs import CropSpec, DemoSpec, SegmenterSpec
 from flows.runner import dask_runner
 
 API = "http://127.0.0.1:4200/api"

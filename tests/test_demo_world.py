@@ -1,4 +1,4 @@
-"""Tests for the embedded demo world (tasks/demo_world.py): CPU only, small specs."""
+"""Tests for the embedded demo world (tasks/demo_world/): CPU only, small specs."""
 
 from __future__ import annotations
 
@@ -6,21 +6,18 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tasks.demo_world import (
-    COUNTRIES,
-    LABEL_MAP_PATH,
-    DemoWorldSpec,
-    generate_demo_world,
-)
+from tasks.demo_world.render import LABEL_MAP_PATH
+from tasks.demo_world.styles import COUNTRIES
+from tasks.demo_world.world import generate_demo_world
+from tasks.specs import DemoSpec
 
-SMALL = DemoWorldSpec(seed=3, countries=3, per_country=4, heldout_per_country=2)
+SMALL = DemoSpec(seed=3, countries=3, per_country=4, heldout_per_country=2)
 GROUPS = {"ground", "structure", "vegetation", "vehicle", "furniture", "drop"}
 
 
@@ -47,7 +44,7 @@ def small(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("clean") / "world"
-    spec = DemoWorldSpec(seed=3, countries=3, per_country=4, heldout_per_country=2, messy=False)
+    spec = DemoSpec(seed=3, countries=3, per_country=4, heldout_per_country=2, messy=False)
     return out, generate_demo_world(str(out), spec)
 
 
@@ -64,7 +61,7 @@ def test_same_spec_gives_identical_bytes(small, tmp_path):
 def test_other_seed_gives_other_images(small, tmp_path):
     root, _ = small
     other = tmp_path / "other"
-    generate_demo_world(str(other), DemoWorldSpec(**{**asdict(SMALL), "seed": 4}))
+    generate_demo_world(str(other), SMALL.model_copy(update={"seed": 4}))
     a, b = _hashes(root), _hashes(other)
     jpgs = [k for k in a if k.startswith(("g50/", "im2gps/images/")) and k in b]
     canvases = [k for k in jpgs if Path(k).stem.split("_")[-1].isdigit()]  # incl. g50/Utah
@@ -217,13 +214,13 @@ def test_no_messy_extras_without_flag(clean):
 
 def test_idempotent_and_spec_mismatch(tmp_path):
     out = tmp_path / "world"
-    spec = DemoWorldSpec(countries=1, per_country=2, heldout_per_country=1)
+    spec = DemoSpec(countries=1, per_country=2, heldout_per_country=1)
     first = generate_demo_world(str(out), spec)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     second = generate_demo_world(str(out), spec)
     assert second == first == json.loads((out / "world.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
-    other = DemoWorldSpec(countries=1, per_country=3, heldout_per_country=1)
+    other = DemoSpec(countries=1, per_country=3, heldout_per_country=1)
     with pytest.raises(ValueError, match="overwrite"):
         generate_demo_world(str(out), other)
     replaced = generate_demo_world(str(out), other, overwrite=True)
@@ -237,14 +234,14 @@ def test_refuses_foreign_directory(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("not a demo world")
     with pytest.raises(ValueError, match="overwrite"):
-        generate_demo_world(str(out), DemoWorldSpec(countries=1, per_country=1, heldout_per_country=0))
+        generate_demo_world(str(out), DemoSpec(countries=1, per_country=1, heldout_per_country=0))
     assert (out / "keep.txt").exists()
 
 
 def test_fsspec_url():
     import fsspec
 
-    spec = DemoWorldSpec(countries=1, per_country=1, heldout_per_country=1)
+    spec = DemoSpec(countries=1, per_country=1, heldout_per_country=1)
     world = generate_demo_world("memory://geofeat-demo-test/world", spec)
     fs = fsspec.filesystem("memory")
     assert fs.exists("/geofeat-demo-test/world/world.json")
@@ -254,20 +251,19 @@ def test_fsspec_url():
 
 
 def test_flow_parameters_build_the_spec(tmp_path):
-    from flows.params import DemoSpec
-    from tasks.demo_world import generate_demo_task
+    from flows.build_feature_datasets import generate_demo_world_task
 
     out = tmp_path / "via-task"
-    spec = DemoSpec(seed=1, countries=1, per_country=1, heldout_per_country=0, messy=False).world_spec()
-    assert generate_demo_task.fn(str(out) + "/", spec) == str(out)
+    spec = DemoSpec(seed=1, countries=1, per_country=1, heldout_per_country=0, messy=False)
+    assert generate_demo_world_task.fn(str(out) + "/", spec) == str(out)
     assert json.loads((out / "world.json").read_text())["spec"]["seed"] == 1
 
 
 def test_spec_validation():
     with pytest.raises(ValueError):
-        DemoWorldSpec(countries=9)
+        DemoSpec(countries=9)
     with pytest.raises(ValueError):
-        DemoWorldSpec(per_country=0)
+        DemoSpec(per_country=0)
 
 
 # --------------------------------------------------------------------------- signal strength
@@ -286,7 +282,7 @@ def _loo_nearest_centroid(x: np.ndarray, y: np.ndarray) -> float:
 def test_bollards_carry_strong_signal_cars_weak(tmp_path):
     """Mean colour of bollard pixels separates countries; of car pixels it barely does."""
     out = tmp_path / "signal"
-    generate_demo_world(str(out), DemoWorldSpec(seed=0, countries=6, per_country=10,
+    generate_demo_world(str(out), DemoSpec(seed=0, countries=6, per_country=10,
                                                 heldout_per_country=0, messy=False))
     coco = json.loads((out / "panoptic" / "g50.json").read_text())
     by_name = {c["name"]: c["id"] for c in coco["categories"]}

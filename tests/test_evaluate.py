@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.evaluate import evaluate_experts
-from flows.params import EvalSpec
+from flows.evaluate import evaluate
+from tasks.specs import EvalSpec
 from storage.catalog import connect
 from tasks.evaluate import _evaluate_dataset
 
@@ -20,7 +20,7 @@ from tasks.evaluate import _evaluate_dataset
 @pytest.fixture(scope="module")
 def evaluated(trained_demo):
     root, _ = trained_demo
-    return root, evaluate_experts(EvalSpec(bootstrap=200), home=root.url)
+    return root, evaluate(EvalSpec(bootstrap=200), home=root.url)
 
 
 def test_every_test_image_gets_one_prediction_per_method(evaluated):
@@ -61,7 +61,7 @@ def test_report_has_both_tables_and_figures(evaluated):
     assert "Table 1" in text and "Table 2" in text and "DEMO MODELS" in text and "0.5393" in text
     for name in ("confusion_demo.png", "per_country_demo-im2gps.png"):
         assert root.fs.cat_file(root.path("reports", result["eval_id"], name))[:8] == b"\x89PNG\r\n\x1a\n"
-    assert evaluate_experts(EvalSpec(bootstrap=200), home=root.url)["cached"]  # same experts, same crops
+    assert evaluate(EvalSpec(bootstrap=200), home=root.url)["cached"]  # same experts, same crops
 
 
 def test_images_without_crops_fall_back_to_the_whole_image_expert():

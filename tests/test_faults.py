@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from storage import shards
 from storage.catalog import connect
 from storage.layout import DataRoot
-from tasks import retry
+from flows import runner as retry
 
 TRANSIENT = (lambda: OSError(errno.EIO, "injected I/O error"),
              lambda: ConnectionResetError(errno.ECONNRESET, "injected connection reset"),
@@ -80,7 +80,7 @@ class Faults:
 @pytest.fixture
 def fast_retries(monkeypatch):
     """No sleeping between retries: the task delays list is shared by every task, so change it in place."""
-    from tasks.ingest import ingest_shard_task
+    from flows.ingest import ingest_shard_task
 
     assert ingest_shard_task.retry_delay_seconds is retry.RETRY_DELAYS
     saved = list(retry.RETRY_DELAYS)
@@ -174,7 +174,7 @@ DEMO = {"seed": 3, "countries": 2, "per_country": 6, "heldout_per_country": 2, "
 
 def build(home: str, world: str) -> None:
     from flows.build_feature_datasets import build_feature_datasets
-    from flows.params import CropSpec, DemoSpec, IngestOptions, RunOptions, SegmenterSpec
+    from tasks.specs import CropSpec, DemoSpec, IngestOptions, RunOptions, SegmenterSpec
 
     build_feature_datasets(demo=DemoSpec(**DEMO, out=world), segmenter=SegmenterSpec(kind="annotations"),
                            options=IngestOptions(shard_size=3), crops=CropSpec(min_area=40),
@@ -220,7 +220,7 @@ def test_task_retries_are_the_second_line(prefect_harness, root, tmp_path, monke
     """With one try per storage operation, the first record write of every shard fails and the
     shard task's own retry commits it."""
     from flows.ingest import ingest
-    from flows.params import IngestOptions, SourceSpec
+    from tasks.specs import IngestOptions, SourceSpec
     from helpers import image_bytes, write
 
     for i in range(4):

@@ -118,7 +118,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, bytes]]]:
 @pytest.fixture(scope="module")
 def ingested(prefect_harness, corpus, tmp_path_factory):
     from flows.ingest import ingest
-    from flows.params import IngestOptions, SourceSpec
+    from tasks.specs import IngestOptions, SourceSpec
     from storage.layout import DataRoot
 
     folder, _ = corpus
@@ -172,7 +172,7 @@ def test_giant_declared_sizes_are_decompression_bombs(corpus, ingested):
 def test_segmentation_over_the_fuzzed_images_completes(ingested):
     """Bit-flipped files that passed ingest still decode in the segmentation stage, or are
     quarantined there; every ingested image gets a segmentation outcome."""
-    from flows.params import CropSpec, RunOptions, SegmenterSpec
+    from tasks.specs import CropSpec, RunOptions, SegmenterSpec
     from flows.segment import segment
 
     root, _, _ = ingested

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from flows.ingest import ingest
-from flows.params import IngestOptions, SourceSpec, SplitConfig
+from tasks.specs import IngestOptions, SourceSpec, SplitConfig
 from helpers import image_bytes, write
 from storage.catalog import connect
 from test_validate import jpeg_with_broken_exif, png_with_declared_size

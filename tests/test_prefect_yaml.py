@@ -6,7 +6,7 @@ from prefect.exceptions import ParameterTypeError
 from flows.deployments import deployment_parameters, load_entrypoint, load_prefect_yaml
 from pydantic import BaseModel
 
-from flows.params import DemoSpec
+from tasks.specs import DemoSpec
 from flows.server import WORK_POOL
 
 DEPLOYMENTS = load_prefect_yaml()["deployments"]
@@ -53,7 +53,7 @@ def test_bad_parameters_are_refused_naming_the_field(params, field):
 
 def test_each_train_deployment_is_triggered_by_its_own_retrain_events():
     """build-feature-datasets' `retrain.deployment` addresses exactly one train-experts trigger."""
-    from tasks.events import FEATURES_ADDED
+    from flows.build_feature_datasets import FEATURES_ADDED
 
     train = [d for d in DEPLOYMENTS if load_entrypoint(d["entrypoint"]).name == "train-experts"]
     assert {d["name"] for d in train} >= {"default", "demo"}

@@ -68,14 +68,14 @@ def _objects(url: str) -> dict[str, tuple]:
 def built(endpoint, prefect_harness, tmp_path_factory):
     """The demo world on S3, built into an S3 root and (as the reference) into a local root."""
     from flows.build_feature_datasets import build_feature_datasets
-    from flows.params import CropSpec, DemoSpec, SegmenterSpec
-    from tasks.demo_world import generate_demo_world
+    from tasks.specs import CropSpec, DemoSpec, SegmenterSpec
+    from tasks.demo_world.world import generate_demo_world
 
     # generate_demo_world cannot write to S3 yet (its recursive fs.mv of the temp folder fails
     # there), so the world is made locally and uploaded: the sources are still read from S3.
     local_world = tmp_path_factory.mktemp("world") / "world"
     demo = DemoSpec(**DEMO, out=WORLD)
-    generate_demo_world(str(local_world), demo.world_spec())
+    generate_demo_world(str(local_world), demo)
     sources.url_fs(WORLD)[0].put(f"{local_world}/", WORLD + "/", recursive=True)
 
     def build(home: str) -> dict:
@@ -267,11 +267,11 @@ def test_remote_checkpoints_are_mirrored_once_per_content(endpoint, tmp_path, mo
 
 
 def test_experts_train_and_evaluate_on_s3(built, tmp_path, monkeypatch):
-    from flows.evaluate import evaluate_experts
-    from flows.params import EvalSpec, TrainSpec
+    from flows.evaluate import evaluate
+    from tasks.specs import EvalSpec, TrainSpec
     from flows.train_experts import train_experts
     from models.hub import REMOTE_CACHE
-    from tasks.train import STAGE
+    from tasks.train_experts import STAGE
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # local training dirs and checkpoint copies
     root = built["root"]
@@ -290,7 +290,7 @@ def test_experts_train_and_evaluate_on_s3(built, tmp_path, monkeypatch):
     assert root.fs.exists(record)  # trained, uploaded and registered again
     uploaded = sources.url_fs(experts[0]["uri"])[0].find(experts[0]["uri"])
     assert uploaded and not [p for p in uploaded if "/best/best/" in p]
-    evaluate_experts(EvalSpec(bootstrap=10, device="cpu"), home=HOME)
+    evaluate(EvalSpec(bootstrap=10, device="cpu"), home=HOME)
     metrics = catalog.query(root, "SELECT count(*) AS n FROM metrics WHERE metric = 'top1'").column("n")[0].as_py()
     assert metrics > 0
     assert len(list((tmp_path / REMOTE_CACHE).iterdir())) == 2  # evaluation loaded the s3:// experts

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from flows.build_feature_datasets import build_feature_datasets
-from flows.params import CropSpec, DemoSpec, RunOptions, SegmenterSpec, SourceSpec
+from tasks.specs import CropSpec, DemoSpec, RunOptions, SegmenterSpec, SourceSpec
 from flows.segment import segment
 from helpers import image_bytes, write
 from models.segmenter import Segment
 from storage.catalog import connect
 from storage.layout import DataRoot
-from tasks.segment import crop_box, cut_crop, feature_id, overlay_rows, segmenter_key, select_segments
+from tasks.segment import crop_box, cut_crop, feature_id, overlay_rows, segmenter_id, select_segments
 
 SMALL = DemoSpec(countries=3, per_country=4, heldout_per_country=1, messy=True)
 RUN = RunOptions(batch_size=4, num_workers=0, shard_size=5)
@@ -58,12 +58,12 @@ def test_ids_are_deterministic_and_versioned():
     assert feature_id("s", "d", "img", "car", 0) == feature_id("s", "d", "img", "car", 0)
     assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d", "img", "car", 1)
     assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d2", "img", "car", 0)  # same bytes, 2 datasets
-    a = segmenter_key(SegmenterSpec(), CropSpec())
-    assert a == segmenter_key(SegmenterSpec(), CropSpec())
+    a = segmenter_id(SegmenterSpec(), CropSpec())
+    assert a == segmenter_id(SegmenterSpec(), CropSpec())
     assert a.startswith("facebook--mask2former-swin-large-mapillary-vistas-panoptic@main-")
-    assert segmenter_key(SegmenterSpec(score_threshold=0.6), CropSpec()) != a
-    assert segmenter_key(SegmenterSpec(), CropSpec(padding=0.2)) != a
-    assert segmenter_key(TINY, CropSpec()).startswith("UNTRAINED-tiny-random-demo@")
+    assert segmenter_id(SegmenterSpec(score_threshold=0.6), CropSpec()) != a
+    assert segmenter_id(SegmenterSpec(), CropSpec(padding=0.2)) != a
+    assert segmenter_id(TINY, CropSpec()).startswith("UNTRAINED-tiny-random-demo@")
     spec = SegmenterSpec(overlay={"g50": {"top": 0.12, "bottom": 0.45}})
     assert overlay_rows(662, spec, "g50") == (79, 285) and overlay_rows(662, spec, "im2gps") == (0, 662)
 
@@ -148,7 +148,7 @@ KILL_SCRIPT = """
 import sys
 from flows import env; env.apply()
 from flows.build_feature_datasets import build_feature_datasets
-from flows.params import DemoSpec, RunOptions, SegmenterSpec
+from tasks.specs import DemoSpec, RunOptions, SegmenterSpec
 build_feature_datasets(demo=DemoSpec(countries=2, per_country=20, heldout_per_country=2, out=sys.argv[2]),
                        segmenter=SegmenterSpec(kind="annotations"),
                        run=RunOptions(batch_size=2, num_workers=0, shard_size=2), home=sys.argv[1])
@@ -200,13 +200,14 @@ class FakeBackend:
 
 
 def test_oom_halves_the_batch_and_one_bad_image_is_isolated():
-    from tasks.segment import _Batching, _predict
+    from tasks.segment import BatchSegmenter
 
     items = [{"image": torch.zeros((10, 20, 3), dtype=torch.uint8)} for _ in range(8)]
     pixels = torch.zeros((8, 3, 4, 4), dtype=torch.uint8)
     pixels[5, 0, 0, 0] = 7  # the poisoned one
-    backend, batching = FakeBackend(), _Batching(8)
-    out = _predict(backend, TINY, items, pixels, batching)
-    assert batching.size == 2 and backend.calls[0] == 8  # 8 -> OOM -> 4 -> OOM -> 2, and stays 2
+    backend = FakeBackend()
+    segment_batch = BatchSegmenter(backend, TINY, 8)
+    out = segment_batch(items, pixels)
+    assert segment_batch.size == 2 and backend.calls[0] == 8  # 8 -> OOM -> 4 -> OOM -> 2, and stays 2
     assert [isinstance(o, Exception) for o in out] == [False] * 5 + [True] + [False] * 2
     assert all(o[0].label == "car" for i, o in enumerate(out) if i != 5)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flows.params import TrainSpec
+from tasks.specs import TrainSpec
 from storage.catalog import connect
-from tasks.train import CropStream, repeat_factors, select_crops, train_expert
+from tasks.loader import CropStream, repeat_factors
+from tasks.train_experts import select_crops, train_expert
 from models.expert import Transforms
 from tests.conftest import EXPERT_TRAIN
 
@@ -91,7 +92,7 @@ def test_trained_experts_are_registered_with_provenance(trained_demo):
         ('random', 'image')) FROM features GROUP BY image_id""").fetchall()
     assert counts and all(c for (c,) in counts)
     # A rerun with the same spec and crops is a no-op.
-    from flows.params import TrainSpec
+    from tasks.specs import TrainSpec
     from flows.train_experts import train_experts
 
     again = train_experts(TrainSpec(**EXPERT_TRAIN), home=root.url)
@@ -107,7 +108,7 @@ def test_crash_mid_training_resumes_from_the_last_checkpoint(demo_catalog, worke
     resumed = train_expert(root, spec, "ground", seg)
     assert resumed["resumed_at_step"] == 4  # the checkpoint of the last evaluation before the crash
     # Forget it and train again without a crash: the same steps, the same val accuracy.
-    root.fs.rm(root.commit_path("train", "experts", resumed["expert_id"]))
+    root.fs.rm(root.commit_path("train-experts", "experts", resumed["expert_id"]))
     root.fs.rm(root.path("checkpoints", resumed["expert_id"]), recursive=True)
     fresh = train_expert(root, spec, "ground", seg)
     assert "resumed_at_step" not in fresh
@@ -115,7 +116,7 @@ def test_crash_mid_training_resumes_from_the_last_checkpoint(demo_catalog, worke
 
 
 def test_no_crops_says_what_to_do(root):
-    from tasks.train import default_segmenter
+    from tasks.train_experts import default_segmenter
 
     with pytest.raises(LookupError, match="build-feature-datasets"):
         default_segmenter(root, None)
