@@ -17,9 +17,7 @@ import tempfile
 import uuid
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
-from storage.sources import url_fs
+from storage.sources import is_local, url_fs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,8 +91,7 @@ def resolve_checkpoint(checkpoint: str, field: str, error: type[Exception],
     (s3://bucket/checkpoints/x/best) is copied to a local cache first."""
     expanded = os.path.expanduser(checkpoint)
     if "://" in checkpoint:
-        fs, path = url_fs(checkpoint)
-        expanded = path if isinstance(fs, LocalFileSystem) else mirror_checkpoint(checkpoint, field, error)
+        expanded = url_fs(checkpoint)[1] if is_local(checkpoint) else mirror_checkpoint(checkpoint, field, error)
     local = os.path.isdir(expanded)
     if not local and (not HUB_REPO_ID.fullmatch(checkpoint) or checkpoint.startswith((".", "~", "/"))):
         raise error(f"checkpoint directory '{checkpoint}' does not exist (it is not a local directory, nor a hub id). "

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from storage.sources import url_fs
+from storage.sources import is_local, url_fs
 
 ENV_HOME = "GEOFEAT_HOME"
 # Stages renamed after catalogs were first written: stage -> its old folder under _commits/, still
@@ -55,7 +54,7 @@ class DataRoot:
     @property
     def is_local(self) -> bool:
         """From the URL alone: no filesystem (and no network call) needed."""
-        return issubclass(fsspec.get_filesystem_class(fsspec.utils.get_protocol(self.url)), LocalFileSystem)
+        return is_local(self.url)
 
     def path(self, *parts: str) -> str:
         """A full URL (or absolute local path) under the root."""

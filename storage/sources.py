@@ -49,6 +49,13 @@ def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **FS_OPTIONS)
 
 
+def is_local(url: str) -> bool:
+    """Is `url` on the local filesystem (a plain path or file://)? From the URL alone, no I/O."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return issubclass(fsspec.get_filesystem_class(fsspec.utils.get_protocol(url)), LocalFileSystem)
+
+
 def exists(url: str) -> bool:
     fs, path = url_fs(url)
     return fs.exists(path)

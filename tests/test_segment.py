@@ -54,12 +54,11 @@ def test_crop_geometry_and_background_mask():
     assert big.size == (256, 128)
 
 
-def test_ids_are_deterministic_and_versioned():
-    assert feature_id("s", "d", "img", "car", 0) == feature_id("s", "d", "img", "car", 0)
+def test_ids_are_versioned():
+    """Golden values are in tests/test_golden.py; here: what must make ids differ."""
     assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d", "img", "car", 1)
     assert feature_id("s", "d", "img", "car", 0) != feature_id("s", "d2", "img", "car", 0)  # same bytes, 2 datasets
     a = segmenter_id(SegmenterSpec(), CropSpec())
-    assert a == segmenter_id(SegmenterSpec(), CropSpec())
     assert a.startswith("facebook--mask2former-swin-large-mapillary-vistas-panoptic@main-")
     assert segmenter_id(SegmenterSpec(score_threshold=0.6), CropSpec()) != a
     assert segmenter_id(SegmenterSpec(), CropSpec(padding=0.2)) != a

@@ -4,7 +4,6 @@ No network and no downloaded weights: the model tests use a tiny random-init Mas
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import pickle
@@ -366,10 +365,3 @@ def test_save_and_load_round_trip(offline, tiny, tmp_path):
             tiny.predict(pixels, sizes, mode=mode, score_threshold=0.0)
     resized = Mask2FormerSegmenter.from_pretrained(str(out), device="cpu", input_size=(64, 128))
     assert resized.preprocessor.size == (64, 128)
-
-
-def test_module_has_no_prefect_import():
-    tree = ast.parse(Path(__file__).resolve().parents[1].joinpath("models", "segmenter.py").read_text())
-    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not any(name.split(".")[0] == "prefect" for name in names)

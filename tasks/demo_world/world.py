@@ -24,9 +24,8 @@ import json
 import logging
 import posixpath
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 
@@ -35,6 +34,9 @@ from storage.sources import url_fs
 from tasks.demo_world.render import coco_categories, label_ids_of_map, pick, render_scene
 from tasks.demo_world.styles import COUNTRIES, CountryStyle
 from tasks.specs import DemoSpec
+
+if TYPE_CHECKING:
+    import fsspec
 
 logger = logging.getLogger(__name__)
 
