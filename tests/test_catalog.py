@@ -215,3 +215,14 @@ def test_feature_meta_is_the_features_view_without_crops(demo_catalog):
     refresh_catalog(root)  # nothing changed: nothing rewritten
     assert os.stat(meta_path(root)).st_mtime_ns == before
     assert query(root, 'SELECT "group", count(*) AS n FROM feature_meta GROUP BY 1').num_rows >= 2  # read-only OK
+
+
+def test_records_under_a_renamed_stage_still_count(root):
+    """`train-experts` was `train`: a catalog written before the rename keeps its registered experts
+    (a rerun must not retrain them), and new records go to the new folder only."""
+    shards.commit_shard(root, "train", "experts", "e-old", [])
+    assert shards.is_committed(root, "train-experts", "experts", "e-old")
+    shards.commit_shard(root, "train-experts", "experts", "e-new", [])
+    assert {r.shard_id for r in shards.read_commits(root, "train-experts")} == {"e-old", "e-new"}
+    assert not root.fs.exists(root.commit_path("train", "experts", "e-new"))
+    assert not shards.is_committed(root, "ingest", "experts", "e-old")
