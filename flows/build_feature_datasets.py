@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_source
+from flows.names import build_run_name
 from flows.runner import RunnerSpec, retried, use_runner
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
@@ -64,7 +65,7 @@ def emit_features_added(root: DataRoot, new_features: int, datasets: list[str], 
     return payload if event is not None else None
 
 
-@flow(name="build-feature-datasets")
+@flow(name="build-feature-datasets", flow_run_name=build_run_name)
 def build_feature_datasets(
     sources: list[SourceSpec] | None = None,
     demo: DemoSpec | None = None,
