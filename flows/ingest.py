@@ -10,10 +10,10 @@ from datetime import datetime, timezone
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
 from flows.names import artifact_key, ingest_run_name, ingest_shard_name, plan_ingest_name
+from flows.progress import advance_as_completed
 from flows.runner import RunnerSpec, retried, use_runner
 from storage import sources
 from storage.catalog import refresh_catalog
@@ -66,14 +66,10 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
     }
     plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
     started = datetime.now(timezone.utc)
-    futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
-    size = {f.task_run_id: len(p.candidates) + len(p.rejected) for f, p in zip(futures, plans)}
-    with progress.scope("ingest", source.dataset, total=sum(size.values()), unit="files",
-                        key=("ingest", source.dataset)) as bar:
-        for future in as_completed(futures):
-            if future.state.is_completed():
-                bar.advance(size[future.task_run_id])
-        bar.finish(failed=bar.done < bar.total)
+    with progress.scope("ingest", source.dataset, total=sum(len(p.candidates) + len(p.rejected) for p in plans),
+                        unit="files", key=("ingest", source.dataset)) as bar:
+        futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
+        advance_as_completed(bar, futures, [len(p.candidates) + len(p.rejected) for p in plans])
     results = [f.result() for f in futures]  # raises if a shard failed after its retries
     refresh_catalog(root)
     summary = {

@@ -21,7 +21,7 @@ import time
 from typing import IO, Any
 
 from flows.names import artifact_key
-from tasks.progress import LOGGER, ProgressEvent, event_of, format_duration, format_rate
+from tasks.progress import LOGGER, ProgressEvent, Scope, event_of, format_duration, format_rate
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,21 @@ class PrefectProgress(logging.Handler):
         (logger.warning if event.failed else logger.info)(event.line(), extra={PROGRESS_LINE: True})
 
 
+def advance_as_completed(bar: Scope, futures: list, sizes: list[int]) -> None:
+    """Advance `bar` by each future's size as it completes; a failed future is left to the caller's
+    `.result()` (and the bar ends FAILED, short of its total)."""
+    from prefect.futures import as_completed
+
+    size = {id(f): n for f, n in zip(futures, sizes)}
+    for future in as_completed(futures):
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - raised again by the caller, in plan order
+            continue
+        bar.advance(size[id(future)])
+    bar.finish(failed=bar.done < bar.total)
+
+
 PREFECT_HANDLER = PrefectProgress()
 if not any(isinstance(h, PrefectProgress) for h in LOGGER.handlers):
     LOGGER.addHandler(PREFECT_HANDLER)
@@ -122,6 +137,8 @@ class ConsoleProgress(logging.Handler):
 
     # -- plain lines
     def _line(self, event: ProgressEvent) -> None:
+        if _flow_run_id() is not None:  # PrefectProgress logs it to the run's log, which prints it here
+            return
         now = time.monotonic()
         last = self.lines_at.get(event.scope)
         if last is None or event.finished or now - last >= self.line_every:
@@ -221,6 +238,6 @@ def install_cli(stream: IO[str] | None = None, live: bool | None = None) -> Cons
     global _CLI
     if _CLI is None:
         _CLI = ConsoleProgress(stream, live)
-        LOGGER.addHandler(_CLI)
+        LOGGER.handlers.insert(0, _CLI)  # before PrefectProgress: the bar is up before a run-log line prints
         atexit.register(_CLI.close)
     return _CLI

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
 from flows.names import artifact_key, baselines_name, datasets_label, train_expert_name, train_run_name
+from flows.progress import advance_as_completed
 from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
 from flows.segment import catalog_datasets
 from storage.catalog import refresh_catalog
@@ -43,14 +43,10 @@ def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segm
     plans = [p for kind in kinds for p in baselines.plan_baselines(root, kind, datasets, segmenter_id, shard_size)]
     if not plans:
         return {"shards": 0, "crops": 0}
-    futures = baselines_task.map(root.url, plans, segmenter_id)
-    size = {f.task_run_id: len(p.images) for f, p in zip(futures, plans)}
     with progress.scope("baselines", f"{' and '.join(kinds)} crops of {datasets_label(datasets)}",
-                        total=sum(size.values()), unit="images", key=("baselines", segmenter_id)) as bar:
-        for future in as_completed(futures):
-            if future.state.is_completed():
-                bar.advance(size[future.task_run_id])
-        bar.finish(failed=bar.done < bar.total)
+                        total=sum(len(p.images) for p in plans), unit="images", key=("baselines", segmenter_id)) as bar:
+        futures = baselines_task.map(root.url, plans, segmenter_id)
+        advance_as_completed(bar, futures, [len(p.images) for p in plans])
     results = [f.result() for f in futures]  # raises if a shard failed after its retries
     refresh_catalog(root)
     return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}
