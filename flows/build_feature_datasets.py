@@ -28,14 +28,14 @@ from tasks.specs import (CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunOpti
 FEATURES_ADDED = "geofeat.features.added"  # the event train-experts/<name> triggers listen for (prefect.yaml)
 
 
-@task(name="generate-demo-world", **retried(2))
+@task(name="generate-demo-world", task_run_name="generate demo world", **retried(2))
 def generate_demo_world_task(out: str, spec: DemoSpec) -> str:
     """Generate (or reuse) the world; returns its URL for building source paths."""
     generate_demo_world(out, spec)
     return out.rstrip("/")
 
 
-@task(name="integrity-gate", **retried(0))
+@task(name="integrity-gate", task_run_name="integrity gate", **retried(0))
 def integrity_gate_task(home: str) -> list[dict]:
     """The build's last gate: publishes the checks as an artifact, fails the run if any fails."""
     root = DataRoot(home)

@@ -67,7 +67,7 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
     plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
     started = datetime.now(timezone.utc)
     with progress.scope("ingest", source.dataset, total=sum(len(p.candidates) + len(p.rejected) for p in plans),
-                        unit="files", key=("ingest", source.dataset)) as bar:
+                        unit="files") as bar:
         futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
         advance_as_completed(bar, futures, [len(p.candidates) + len(p.rejected) for p in plans])
     results = [f.result() for f in futures]  # raises if a shard failed after its retries
@@ -81,6 +81,8 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
         "warnings": warnings,
     }
     create_table_artifact([{k: v for k, v in summary.items() if k != "warnings"}],
-                          key=artifact_key("ingest", source.dataset), description="; ".join(warnings) or None)
+                          key=artifact_key("ingest", source.dataset),
+                          description=f"ingest of `{source.dataset}` from {source.source}: images added and files "
+                          "quarantined this run" + "".join(f"; {w}" for w in warnings))
     log.info("ingest %s: %s", source.dataset, summary)
     return summary

@@ -79,14 +79,18 @@ def _model(value: Any, cls):
         return None
 
 
-def _segmenter_of(params: dict[str, Any]) -> str | None:
+def _segmenter_label(params: dict[str, Any]) -> str:
+    """The segmenter a run's parameters name, short; `annotations` alone while the flow still has to
+    fill in the demo world's annotations (the id would hash the wrong value)."""
     from tasks.segment import segmenter_id
 
     spec = _model(params.get("segmenter", SegmenterSpec()), SegmenterSpec)
     crops = _model(params.get("crops", CropSpec()), CropSpec)
     if spec is None or crops is None:
-        return None
-    return segmenter_id(spec, crops)
+        return "a segmenter"
+    if spec.kind == "annotations" and not spec.annotations:
+        return "annotations"
+    return short_segmenter(segmenter_id(spec, crops))
 
 
 def ingest_run_name() -> str:
@@ -96,7 +100,7 @@ def ingest_run_name() -> str:
 
 def segment_run_name() -> str:
     params = _parameters()
-    return run_name("segment", datasets_label(params.get("datasets")), "with", short_segmenter(_segmenter_of(params)))
+    return run_name("segment", datasets_label(params.get("datasets")), "with", _segmenter_label(params))
 
 
 def build_run_name() -> str:
@@ -105,7 +109,7 @@ def build_run_name() -> str:
     if params.get("demo") is not None:
         names = ["demo world", *names]
     segmenter = "ingest only" if params.get("segmenter", SegmenterSpec()) is None else \
-        "with " + short_segmenter(_segmenter_of(params))
+        "with " + _segmenter_label(params)
     return run_name("build", datasets_label(names, default="no sources"), segmenter)
 
 
@@ -134,7 +138,8 @@ def plan_segment_name(parameters: dict[str, Any]) -> str:
 
 def ingest_shard_name(parameters: dict[str, Any]) -> str:
     plan = parameters["plan"]
-    return run_name("ingest", plan.dataset, f"shard {plan.shard_id[:8]}", f"({len(plan.candidates)} images)")
+    return run_name("ingest", plan.dataset, f"shard {plan.shard_id[:8]}",
+                    f"({len(plan.candidates) + len(plan.rejected)} files)")
 
 
 def segment_shard_name(parameters: dict[str, Any]) -> str:

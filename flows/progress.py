@@ -2,8 +2,9 @@
 
 * `PrefectProgress` (installed when this module is imported, so in every process that runs a flow,
   Dask workers included): inside a flow or task run, each progress scope becomes a Prefect progress
-  artifact (`<stage>-<dataset|segmenter|group>-progress`; its description is the done/total, rate
-  and ETA line) updated every ARTIFACT_EVERY s, and a line in the run's log every LOG_EVERY s.
+  artifact of that run (its description is the done/total, rate and ETA line) updated every
+  ARTIFACT_EVERY s, and a line in the run's log every LOG_EVERY s. The artifacts have no key: they
+  belong on the run's page, not among the Artifacts page's results.
 * `ConsoleProgress` (`install_cli()`, called by the `geofeat` CLI): a rich progress bar per scope on a
   terminal; elsewhere (a pipe, a log file, CI) one plain line per scope every LINE_EVERY s. While
   the bar is shown, the other log output goes above it and Prefect's per-task-run INFO lines
@@ -20,7 +21,6 @@ import threading
 import time
 from typing import IO, Any
 
-from flows.names import artifact_key
 from tasks.progress import LOGGER, ProgressEvent, Scope, event_of, format_duration, format_rate
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class PrefectProgress(logging.Handler):
 
             if st is None:
                 st = self.scopes[event.scope] = {"artifact": None, "artifact_at": now, "log_at": now}
-                st["artifact"] = create_progress_artifact(100.0 * event.fraction, key=artifact_key(*event.key, "progress"),
-                                                          description=event.line())
+                st["artifact"] = create_progress_artifact(100.0 * event.fraction, description=event.line())
                 self._log(event)
             else:
                 if event.finished or now - st["artifact_at"] >= ARTIFACT_EVERY:

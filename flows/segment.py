@@ -67,8 +67,7 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
     plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
     log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
-    bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images",
-                         key=("segment", segmenter_id))
+    bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images")
     bar.emit()
     sizes = {p.shard_id: len(p.images) for p in plans}
     results = []

@@ -44,7 +44,7 @@ def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segm
     if not plans:
         return {"shards": 0, "crops": 0}
     with progress.scope("baselines", f"{' and '.join(kinds)} crops of {datasets_label(datasets)}",
-                        total=sum(len(p.images) for p in plans), unit="images", key=("baselines", segmenter_id)) as bar:
+                        total=sum(len(p.images) for p in plans), unit="images") as bar:
         futures = baselines_task.map(root.url, plans, segmenter_id)
         advance_as_completed(bar, futures, [len(p.images) for p in plans])
     results = [f.result() for f in futures]  # raises if a shard failed after its retries

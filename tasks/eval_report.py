@@ -97,16 +97,17 @@ def _table(metrics: pl.DataFrame, datasets: list[str], columns: tuple[str, ...],
     for ds in datasets:
         for method in _methods({m for d, m, _ in by if d == ds}):
             top1 = by.get((ds, method, "top1"), {})
-            row = {"dataset": ds, "classifier": labels.get(method, CLASSIFIER.get(method, method)),
-                   "method": method, "top1": fmt(top1.get("value"), top1.get("ci_low"), top1.get("ci_high")),
-                   "n": top1.get("n")}
+            row = {"dataset": ds, "method": method,
+                   "top1": fmt(top1.get("value"), top1.get("ci_low"), top1.get("ci_high")),
+                   "poster": POSTER_BY_ROW.get((ds.lower(), method)), "n": top1.get("n")}
             for c in columns:
                 r = by.get((ds, method, c), {})
                 row[c] = fmt(r.get("value"), *((r.get("ci_low"), r.get("ci_high")) if c in CI_METRICS else ()))
-            row["poster"] = POSTER_BY_ROW.get((ds.lower(), method))
+            row["classifier"] = labels.get(method, CLASSIFIER.get(method, method))
             rows.append(row)
-    schema = {"dataset": pl.String, "classifier": pl.String, "method": pl.String, "top1": pl.String,
-              "n": pl.Int64, **{c: pl.String for c in columns}, "poster": pl.Float64}
+    # The numbers first and the poster's beside ours: a narrow view (the Prefect UI) cuts the right side.
+    schema = {"dataset": pl.String, "method": pl.String, "top1": pl.String, "poster": pl.Float64, "n": pl.Int64,
+              **{c: pl.String for c in columns}, "classifier": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -117,22 +118,23 @@ def _numbers(metrics: pl.DataFrame, datasets: list[str], columns: tuple[str, ...
     by = _latest(metrics.filter(pl.col("dataset").is_in(datasets)))
     present = {k[2] for k in by}
     columns = ("top1",) + tuple(c for c in columns if c in present or c in TABLE1_METRICS)
-    schema: dict[str, Any] = {"dataset": pl.String, "method": pl.String, "n": pl.Int64}
+    schema: dict[str, Any] = {"dataset": pl.String, "method": pl.String, "n": pl.Int64, "top1": pl.Float64,
+                              "poster": pl.Float64}
     for c in columns:
         schema[c] = pl.Float64
         if c in CI_METRICS:
             schema[f"{c}_ci_low"] = schema[f"{c}_ci_high"] = pl.Float64
-    schema.update({"poster": pl.Float64, "classifier": pl.String})
+    schema["classifier"] = pl.String
     rows = []
     for ds in datasets:
         for method in _methods({m for d, m, _ in by if d == ds}):
-            row = {"dataset": ds, "method": method, "n": by.get((ds, method, "top1"), {}).get("n")}
+            row = {"dataset": ds, "method": method, "n": by.get((ds, method, "top1"), {}).get("n"),
+                   "poster": POSTER_BY_ROW.get((ds.lower(), method))}
             for c in columns:
                 r = by.get((ds, method, c), {})
                 row[c] = _round(r.get("value"))
                 if c in CI_METRICS:
                     row[f"{c}_ci_low"], row[f"{c}_ci_high"] = _round(r.get("ci_low")), _round(r.get("ci_high"))
-            row["poster"] = POSTER_BY_ROW.get((ds.lower(), method))
             row["classifier"] = labels.get(method, CLASSIFIER.get(method, method))
             rows.append(row)
     return pl.DataFrame(rows, schema=schema)

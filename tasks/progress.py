@@ -33,7 +33,6 @@ class ProgressEvent:
     scope: str  # unique per scope (listeners keep one bar / artifact per scope)
     stage: str  # ingest | segment | train-experts | evaluate | ...
     what: str  # e.g. "demo, demo-im2gps" or "ground expert"
-    key: tuple[str, ...]  # parts of the artifact key listeners publish under
     done: int
     total: int
     unit: str  # images | steps | crops
@@ -44,7 +43,10 @@ class ProgressEvent:
 
     @property
     def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total > 0 else (1.0 if self.finished else 0.0)
+        """0..1; a scope that finished without failing is complete (training may stop early)."""
+        if self.finished and not self.failed or self.total <= 0:
+            return 1.0 if self.finished else 0.0
+        return min(1.0, self.done / self.total)
 
     @property
     def rate(self) -> float | None:
@@ -66,7 +68,9 @@ class ProgressEvent:
     def line(self) -> str:
         """`segment demo: 120/2,000 images (6%), 8.1 images/s, ETA 3m52s`."""
         head = f"{self.stage} {self.what}".strip()
-        parts = [f"{self.done:,}/{self.total:,} {self.unit} ({self.fraction:.0%})"]
+        early = self.finished and not self.failed and self.done < self.total
+        parts = [f"{self.done:,}/{self.total:,} {self.unit} " + ("(ended early)" if early else
+                                                                  f"({min(1.0, self.done / self.total) if self.total else self.fraction:.0%})")]
         if self.rate is not None:
             parts.append(f"{format_rate(self.rate)} {self.unit}/s")
         if self.failed:
@@ -94,10 +98,8 @@ def format_duration(seconds: float) -> str:
 class Scope:
     """A unit of long work with a known total. Thread-safe; every change emits an event."""
 
-    def __init__(self, stage: str, what: str, total: int, unit: str, done: int = 0,
-                 key: tuple[str, ...] | None = None):
+    def __init__(self, stage: str, what: str, total: int, unit: str, done: int = 0):
         self.stage, self.what, self.total, self.unit = stage, what, max(0, int(total)), unit
-        self.key = tuple(key) if key else (stage,)
         self.id = f"{stage}:{uuid.uuid4().hex[:12]}"
         self.done = self.start = int(done)
         self.opened = time.monotonic()
@@ -105,7 +107,7 @@ class Scope:
         self._lock = threading.Lock()
 
     def event(self) -> ProgressEvent:
-        return ProgressEvent(self.id, self.stage, self.what, self.key, self.done, self.total, self.unit,
+        return ProgressEvent(self.id, self.stage, self.what, self.done, self.total, self.unit,
                              self.start, time.monotonic() - self.opened, self.finished, self.failed)
 
     def emit(self) -> None:
@@ -134,10 +136,9 @@ _CURRENT: ContextVar[Scope | None] = ContextVar("geofeat_progress_scope", defaul
 
 
 @contextmanager
-def scope(stage: str, what: str, total: int, unit: str, done: int = 0,
-          key: tuple[str, ...] | None = None) -> Iterator[Scope]:
+def scope(stage: str, what: str, total: int, unit: str, done: int = 0) -> Iterator[Scope]:
     """Open a progress scope for the block; `advance()` in this thread (and below) reports to it."""
-    s = Scope(stage, what, total, unit, done=done, key=key)
+    s = Scope(stage, what, total, unit, done=done)
     token = _CURRENT.set(s)
     s.emit()
     try:

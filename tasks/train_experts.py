@@ -354,8 +354,7 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter_id: str,
     if resumed is not None:
         summary["resumed_at_step"] = resumed
     stop = trainer.done
-    with progress.scope("train-experts", f"{group} expert", trainer.total_steps, "steps", done=trainer.state["step"],
-                        key=("train-experts", group)):
+    with progress.scope("train-experts", f"{group} expert", trainer.total_steps, "steps", done=trainer.state["step"]):
         while not stop:
             stop = trainer.run_epoch(stop_after_steps)
     if not os.path.exists(trainer.best_dir):

@@ -30,8 +30,7 @@ def captured():
 
 
 def event(**kw) -> ProgressEvent:
-    base = dict(scope="s", stage="segment", what="demo", key=("segment",), done=120, total=2000, unit="images",
-                start=0, elapsed=15.0)
+    base = dict(scope="s", stage="segment", what="demo", done=120, total=2000, unit="images", start=0, elapsed=15.0)
     return ProgressEvent(**{**base, **kw})
 
 
@@ -45,6 +44,9 @@ def test_event_line_has_done_total_rate_and_eta():
     assert event(done=2000, finished=True).line() == "segment demo: 2,000/2,000 images (100%), 133 images/s, done in 15s"
     assert event(finished=True, failed=True).line().endswith("FAILED")
     assert event(total=0, done=0, finished=True).fraction == 1.0
+    early = event(done=42, total=90, unit="steps", finished=True)  # early stopping: complete, and said so
+    assert early.fraction == 1.0 and early.line().startswith("segment demo: 42/90 steps (ended early), ")
+    assert event(done=42, total=90, finished=True, failed=True).fraction == pytest.approx(42 / 90)
 
 
 def test_scope_reports_to_the_innermost_scope_and_marks_failures(captured):
@@ -111,32 +113,32 @@ def test_console_bar_renders_with_rich_and_gives_the_terminal_back():
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_progress_becomes_a_prefect_artifact_from_the_flow_and_from_a_task():
+def test_progress_becomes_a_prefect_artifact_of_the_run_from_the_flow_and_from_a_task():
     from prefect import flow, task
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.names import artifact_key
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
     @task
     def work():
-        with progress.scope("train-experts", "ground expert", 4, "steps", key=("train-experts", "test_group")):
+        with progress.scope("train-experts", "ground expert", 4, "steps"):
             for _ in range(4):
                 progress.advance()
 
     @flow
     def run():
-        with progress.scope("segment", "d_1", 3, "images", key=("segment", "Seg@main-1")) as bar:
+        with progress.scope("segment", "d_1", 3, "images") as bar:
             bar.advance(3)
         work()
 
-    run()
-    keys = [artifact_key("segment", "Seg@main-1", "progress"), artifact_key("train-experts", "test_group", "progress")]
+    state = run(return_state=True)
+    flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        got = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    by = {a.key: a for a in got}
-    assert set(by) == set(keys)
+        got = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    by = {a.description.split(":")[0]: a for a in got}
+    assert set(by) == {"segment d_1", "train-experts ground expert"}
     for a in got:
-        assert a.type == "progress" and float(a.data) == 100.0
-    assert by[keys[0]].description.startswith("segment d_1: 3/3 images (100%)")
-    assert by[keys[1]].task_run_id is not None  # reported from inside the task run
+        assert float(a.data) == 100.0 and a.key is None  # on the run's page, not the Artifacts page
+    assert by["segment d_1"].description.startswith("segment d_1: 3/3 images (100%)")
+    assert by["segment d_1"].task_run_id is None
+    assert by["train-experts ground expert"].task_run_id is not None  # reported from inside the task run
