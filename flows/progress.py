@@ -151,13 +151,13 @@ class ConsoleProgress(logging.Handler):
     def _start(self) -> None:
         from rich.console import Console
         from rich.file_proxy import FileProxy
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         console = Console(file=self.stream, force_terminal=True if self.live else None)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                  TextColumn("{task.fields[unit]} {task.percentage:>3.0f}%"),
                                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"),
-                                 TimeElapsedColumn(), console=console, redirect_stdout=True, redirect_stderr=True)
+                                 console=console, redirect_stdout=True, redirect_stderr=True)
         # Handlers that hold the terminal's stream would draw through the bar: send them above it.
         for handler in _handlers():
             if handler is self:
@@ -191,8 +191,10 @@ class ConsoleProgress(logging.Handler):
         if self.progress is None:
             self._start()
         fields = {"unit": event.unit, "rate": f"{format_rate(event.rate)} {event.unit}/s" if event.rate else "",
-                  "eta": ("FAILED" if event.failed else "") if event.finished else
-                  "ETA " + (format_duration(event.eta) if event.eta is not None else "?")}
+                  "eta": "ETA " + (format_duration(event.eta) if event.eta is not None else "?")}
+        if event.finished:
+            fields["eta"] = "FAILED" if event.failed else \
+                ("ended early, " if event.done < event.total else "") + f"done in {format_duration(event.elapsed)}"
         task = self.tasks.get(event.scope)
         if task is None:
             task = self.tasks[event.scope] = self.progress.add_task(f"{event.stage} {event.what}", total=event.total or None,
