@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +143,7 @@ def _numbers(metrics: pl.DataFrame, datasets: list[str], columns: tuple[str, ...
 
 def _round(value: float | None) -> float | None:
     """4 decimals; None for a missing or NaN value (JSON has no NaN)."""
-    return None if value is None or value != value else round(float(value), 4)
+    return None if value is None or math.isnan(value) else round(float(value), 4)
 
 
 def table1_numbers(metrics: pl.DataFrame, datasets: list[str]) -> pl.DataFrame:

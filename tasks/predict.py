@@ -62,7 +62,7 @@ def read_input(uri: str) -> bytes:
         raise InputError("is_a_folder", "a folder, not an image file") from exc
     except PermissionError as exc:
         raise InputError("unreadable_file", f"permission denied: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - network and object-store errors come in many types
+    except Exception as exc:  # network and object-store errors come in many types
         if remote:
             raise InputError("url_unreachable", f"could not fetch the URL ({type(exc).__name__}: {exc}); check the "
                            "address and the network (or download it and pass the file)") from exc
