@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_source
+from flows.names import build_run_name
 from flows.runner import RunnerSpec, retried, use_runner
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
@@ -27,14 +28,14 @@ from tasks.specs import (CropSpec, DemoSpec, IngestOptions, RetrainSpec, RunOpti
 FEATURES_ADDED = "geofeat.features.added"  # the event train-experts/<name> triggers listen for (prefect.yaml)
 
 
-@task(name="generate-demo-world", **retried(2))
+@task(name="generate-demo-world", task_run_name="generate demo world", **retried(2))
 def generate_demo_world_task(out: str, spec: DemoSpec) -> str:
     """Generate (or reuse) the world; returns its URL for building source paths."""
     generate_demo_world(out, spec)
     return out.rstrip("/")
 
 
-@task(name="integrity-gate", **retried(0))
+@task(name="integrity-gate", task_run_name="integrity gate", **retried(0))
 def integrity_gate_task(home: str) -> list[dict]:
     """The build's last gate: publishes the checks as an artifact, fails the run if any fails."""
     root = DataRoot(home)
@@ -64,7 +65,7 @@ def emit_features_added(root: DataRoot, new_features: int, datasets: list[str], 
     return payload if event is not None else None
 
 
-@flow(name="build-feature-datasets")
+@flow(name="build-feature-datasets", flow_run_name=build_run_name)
 def build_feature_datasets(
     sources: list[SourceSpec] | None = None,
     demo: DemoSpec | None = None,

@@ -300,6 +300,9 @@ def show_env(get: Optional[str] = typer.Option(None, help="print only this varia
 
 
 def main() -> None:
+    from flows.progress import install_cli
+
+    install_cli()  # long commands show done/total, rate and ETA: rich bars on a terminal, lines elsewhere
     app()
 
 

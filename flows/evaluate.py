@@ -7,7 +7,6 @@ benchmark ingested after training are made first (the `baselines` task of flows/
 
 from __future__ import annotations
 
-import base64
 import json
 
 import polars as pl
@@ -15,13 +14,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from flows.names import evaluate_run_name
 from flows.runner import RunnerSpec, gpu_slot, retried, run_gpu_task, use_runner
 from flows.train_experts import ensure_baselines
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from storage.queries import catalog
 from tasks import evaluate as stage
-from tasks.eval_report import build_report, save_report
+from tasks.eval_report import UNTRAINED_BANNER, Report, build_report, png_data_url, save_report
 from tasks.specs import EvalSpec
 
 
@@ -49,26 +49,27 @@ def report_notes(root: DataRoot, result: dict) -> list[str]:
     return notes
 
 
-def png_markdown(title: str, data: bytes) -> str:
-    return f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})"
-
-
-def publish_artifacts(report_md: str, tables: dict[str, pl.DataFrame], pngs: dict[str, bytes]) -> None:
-    """The report (`evaluation-report`), the tables (`table-1`, `table-2`) and the figures as
-    markdown with inline PNGs (`confusion-matrix`, `per-country-accuracy`: the UI renders data
-    URLs in markdown; an image artifact wants a public URL)."""
-    create_markdown_artifact(report_md, key="evaluation-report", description="evaluation report")
-    for key, t in tables.items():
-        create_table_artifact(t.to_dicts(), key=key, description=key.replace("-", " ").capitalize())
+def publish_artifacts(report: Report) -> None:
+    """The report with its figures inline (`evaluation-report`), the tables with numbers as numbers
+    and n and CIs in their own columns (`table-1`, `table-2`; the demo banner in their description),
+    and each figure kind on its own (`confusion-matrix`, `per-country-accuracy`). Figures are data
+    URLs: the UI renders them in markdown, while an image artifact wants a public URL."""
+    banner = f"{UNTRAINED_BANNER}\n\n" if report.untrained else ""
+    create_markdown_artifact(report.embedded, key="evaluation-report", description="evaluation report")
+    for key, t in report.tables.items():
+        title = {"table-1": "Table 1: test splits of the training datasets",
+                 "table-2": "Table 2: held-out benchmarks"}.get(key, key)
+        create_table_artifact(t.to_dicts(), key=key, description=f"{banner}**{title}** (top-1 etc. as fractions; "
+                              "`*_ci_low`/`*_ci_high`: 95% bootstrap CI; n: images)")
     for prefix, key, what in (("confusion_", "confusion-matrix", "confusion matrix"),
                               ("per_country_", "per-country-accuracy", "per-country top-1 accuracy")):
-        parts = [f"### {name[len(prefix):-len('.png')]}\n\n{png_markdown(what, data)}"
-                 for name, data in sorted(pngs.items()) if name.startswith(prefix)]
+        parts = [f"### {name[len(prefix):-len('.png')]}\n\n![{what}]({png_data_url(data)})"
+                 for name, data in sorted(report.pngs.items()) if name.startswith(prefix)]
         if parts:
-            create_markdown_artifact("\n\n".join(parts), key=key, description=what)
+            create_markdown_artifact(banner + "\n\n".join(parts), key=key, description=what)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name=evaluate_run_name)
 def evaluate(spec: EvalSpec = EvalSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
@@ -92,7 +93,7 @@ def evaluate(spec: EvalSpec = EvalSpec(), home: str | None = None, runner: Runne
     report = build_report(metrics, predictions, eval_id=result["eval_id"], table1_datasets=table1_sets,
                           table2_datasets=table2_sets, untrained=result["untrained"], notes=report_notes(root, result))
     paths = save_report(root, result["eval_id"], report)
-    publish_artifacts(report.markdown, report.tables, report.pngs)
+    publish_artifacts(report)
     if result["untrained"]:
         log.warning("experts started from UNTRAINED random-init weights: the numbers describe a demo")
     log.info("report: %s", paths["report"])

@@ -10,24 +10,26 @@ from datetime import datetime, timezone
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.futures import wait
 from prefect.logging import get_run_logger
 
+from flows.names import artifact_key, ingest_run_name, ingest_shard_name, plan_ingest_name
+from flows.progress import advance_as_completed
 from flows.runner import RunnerSpec, retried, use_runner
 from storage import sources
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from tasks import ingest as stage
+from tasks import progress
 from tasks.specs import IngestOptions, SourceSpec
 
 
-@task(name="plan-ingest", **retried(2))
+@task(name="plan-ingest", task_run_name=plan_ingest_name, **retried(2))
 def plan_ingest_task(home: str, layout: str, source: str, images: str | None, params: dict,
                      shard_size: int) -> tuple[list[stage.ShardPlan], list[str]]:
     return stage.plan_ingest(DataRoot(home), layout, source, images, params, shard_size)
 
 
-@task(name="ingest-shard", task_run_name="ingest-{plan.dataset}-{plan.shard_id}", **retried(3))
+@task(name="ingest-shard", task_run_name=ingest_shard_name, **retried(3))
 def ingest_shard_task(home: str, plan: stage.ShardPlan, ingested_at: datetime) -> dict:
     return stage.ingest_shard(DataRoot(home), plan, ingested_at)
 
@@ -40,7 +42,7 @@ def check_source(spec: SourceSpec, field: str) -> None:
         raise ValueError(f"{field}.images: {spec.images!r} does not exist; omit it to use the CSV's folder")
 
 
-@flow(name="ingest", flow_run_name="ingest-{source.dataset}")
+@flow(name="ingest", flow_run_name=ingest_run_name)
 def ingest(source: SourceSpec, options: IngestOptions = IngestOptions(), home: str | None = None,
            runner: RunnerSpec = RunnerSpec()) -> dict:
     """List a source, plan shards of new files, ingest them in parallel, refresh the catalog."""
@@ -64,8 +66,10 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
     }
     plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
     started = datetime.now(timezone.utc)
-    futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
-    wait(futures)
+    with progress.scope("ingest", source.dataset, total=sum(len(p.candidates) + len(p.rejected) for p in plans),
+                        unit="files") as bar:
+        futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
+        advance_as_completed(bar, futures, [len(p.candidates) + len(p.rejected) for p in plans])
     results = [f.result() for f in futures]  # raises if a shard failed after its retries
     refresh_catalog(root)
     summary = {
@@ -77,6 +81,8 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
         "warnings": warnings,
     }
     create_table_artifact([{k: v for k, v in summary.items() if k != "warnings"}],
-                          key=f"ingest-{source.dataset}", description="; ".join(warnings) or None)
+                          key=artifact_key("ingest", source.dataset),
+                          description=f"ingest of `{source.dataset}` from {source.source}: images added and files "
+                          "quarantined this run" + "".join(f"; {w}" for w in warnings))
     log.info("ingest %s: %s", source.dataset, summary)
     return summary

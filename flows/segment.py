@@ -11,25 +11,27 @@ Its tasks: `plan-segment` (per dataset) and `segment-shard` (tasks/segment.py).
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 
+from flows.names import artifact_key, datasets_label, plan_segment_name, segment_run_name, segment_shard_name
 from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
 from storage.queries import catalog
+from tasks import progress
 from tasks import segment as stage
 from tasks.quality import quality_checks, quality_markdown
 from tasks.specs import CropSpec, RunOptions, SegmenterSpec
 
 
-@task(name="plan-segment", **retried(2))
+@task(name="plan-segment", task_run_name=plan_segment_name, **retried(2))
 def plan_segment_task(home: str, dataset: str, segmenter_id: str, shard_size: int) -> list[stage.SegmentPlan]:
     return stage.plan_segment(DataRoot(home), dataset, segmenter_id, shard_size)
 
 
-@task(name="segment-shard", task_run_name="segment-{plan.dataset}-{plan.shard_id}", **retried(3))
+@task(name="segment-shard", task_run_name=segment_shard_name, **retried(3))
 def segment_shard_task(home: str, plan: stage.SegmentPlan, spec: SegmenterSpec, crops: CropSpec,
                        run: RunOptions) -> dict:
     return stage.segment_shard(DataRoot(home), plan, spec, crops, run)
@@ -41,7 +43,7 @@ def catalog_datasets(root: DataRoot) -> list[str]:
         return cat.datasets()
 
 
-@flow(name="segment")
+@flow(name="segment", flow_run_name=segment_run_name)
 def segment(
     datasets: list[str] | None = None,
     segmenter: SegmenterSpec = SegmenterSpec(),
@@ -65,13 +67,18 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
     plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
     log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
-    progress = create_progress_artifact(0.0, key="segmentation-progress",
-                                        description=f"shards segmented by {segmenter_id}")
+    bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images")
+    bar.emit()
+    sizes = {p.shard_id: len(p.images) for p in plans}
     results = []
 
     def finished(future) -> None:
-        results.append(future.result())
-        update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
+        try:
+            results.append(future.result())
+        except BaseException:
+            bar.finish(failed=True)
+            raise
+        bar.advance(sizes.get(results[-1]["shard_id"], 0))
 
     # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
     # `run.concurrent_shards` shard tasks in flight; they share this process's model (on Dask:
@@ -86,11 +93,11 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
             active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
         for done in as_completed(active):
             finished(done)
-    update_progress_artifact(progress, 100.0)
+    bar.finish()
     refresh_catalog(root)
     checks = quality_checks(root, segmenter_id, names)
     create_markdown_artifact(quality_markdown(segmenter_id, checks, untrained=spec.kind == "tiny-random"),
-                             key="data-quality", description=f"quality of {segmenter_id}")
+                             key=artifact_key("data-quality", segmenter_id), description=f"quality of {segmenter_id}")
     for c in checks:
         (log.info if c.passed else log.warning)("quality %s: %s: %s", "PASS" if c.passed else "FAIL", c.name, c.detail)
     return {

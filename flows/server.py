@@ -81,8 +81,10 @@ def up(root: DataRoot, port: int = DEFAULT_PORT, deploy: bool = True) -> dict:
         if not _free(port):
             raise RuntimeError(f"port {port} on 127.0.0.1 is taken; pass --port or stop what uses it")
         api_url = f"http://127.0.0.1:{port}/api"
+        # The UI asks the API at PREFECT_UI_API_URL, which defaults to port 4200 whatever --port says.
+        server_env = {**env, "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
         pid = _spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     run_dir / "server.log", env)
+                     run_dir / "server.log", server_env)
         prefect_env.server_file(root).write_text(json.dumps({"pid": pid, "api_url": api_url, "port": port}))
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not _healthy(api_url):

@@ -13,21 +13,23 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
+from flows.names import artifact_key, baselines_name, datasets_label, train_expert_name, train_run_name
+from flows.progress import advance_as_completed
 from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
 from flows.segment import catalog_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
-from tasks import baselines
+from tasks import baselines, progress
 from tasks import train_experts as stage
 from tasks.specs import TINY, TrainSpec
 
 
-@task(name="baselines", task_run_name="baselines-{plan.kind}-{plan.dataset}-{plan.shard_id}", **retried(3))
+@task(name="baselines", task_run_name=baselines_name, **retried(3))
 def baselines_task(home: str, plan: baselines.BaselinePlan, segmenter_id: str) -> dict:
     return baselines.baseline_shard(DataRoot(home), plan, segmenter_id)
 
 
-@task(name="train-experts", task_run_name="train-experts-{group}", **retried(2))
+@task(name="train-experts", task_run_name=train_expert_name, **retried(2))
 def train_experts_task(home: str, spec: TrainSpec, group: str, segmenter_id: str) -> dict:
     """Waits for the `gpu` slot (shared with segmentation), then trains one group's expert. A retry or
     a rerun resumes from `last/`; the commit record is the cache, as for shards."""
@@ -39,13 +41,18 @@ def ensure_baselines(root: DataRoot, kinds: list[str], datasets: list[str], segm
                      shard_size: int = 256) -> dict:
     """Make the missing `kinds` crops of `datasets` (one task per shard, inside the calling flow)."""
     plans = [p for kind in kinds for p in baselines.plan_baselines(root, kind, datasets, segmenter_id, shard_size)]
-    results = [f.result() for f in baselines_task.map(root.url, plans, segmenter_id)] if plans else []
-    if plans:
-        refresh_catalog(root)
+    if not plans:
+        return {"shards": 0, "crops": 0}
+    with progress.scope("baselines", f"{' and '.join(kinds)} crops of {datasets_label(datasets)}",
+                        total=sum(len(p.images) for p in plans), unit="images") as bar:
+        futures = baselines_task.map(root.url, plans, segmenter_id)
+        advance_as_completed(bar, futures, [len(p.images) for p in plans])
+    results = [f.result() for f in futures]  # raises if a shard failed after its retries
+    refresh_catalog(root)
     return {"shards": len(plans), "crops": sum(r["crops"] for r in results)}
 
 
-@flow(name="train-experts")
+@flow(name="train-experts", flow_run_name=train_run_name)
 def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner: RunnerSpec = RunnerSpec()) -> dict:
     log = get_run_logger()
     root = DataRoot.from_env(home)
@@ -67,7 +74,7 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
              "val_crops": r["val_crops"], "val_accuracy": r.get("val_accuracy"), "steps": r.get("steps"),
              "wall_s": r.get("wall_s"), "dropped_countries": ", ".join(f"{c}:{n}" for c, n in r["dropped_countries"].items())}
             for r in results]
-    create_table_artifact(rows, key="experts", description=f"experts on {segmenter_id}"
+    create_table_artifact(rows, key=artifact_key("experts", segmenter_id), description=f"experts on {segmenter_id}"
                           + (" (UNTRAINED tiny random-init start)" if spec.checkpoint == TINY else ""))
     for r in rows:
         log.info("expert %s", r)

@@ -32,19 +32,29 @@ def _softmax(S: np.ndarray) -> np.ndarray:
     return Z / Z.sum(axis=1, keepdims=True)
 
 
+TIE_BREAK = 1e-9  # x mean probability, added to a vote share: orders equal shares; 0.0000 at 4 decimals
+
+
 def majority_vote(P: np.ndarray, image_index: np.ndarray, n_images: int) -> np.ndarray:
-    """Each crop votes for its argmax country; ties in votes go to the higher mean probability.
-    Scores (votes + 1e-3 * mean prob) are normalised per image to sum to 1."""
+    """Each crop votes for its argmax country; a country's score is its **vote share** (its votes /
+    the image's crops), so one crop's vote scores 1.0 whatever its confidence. Equal shares are
+    ordered by the mean probability over the image's crops, which adds under TIE_BREAK (never
+    enough to pass a share that is one vote higher, for fewer than 1e9 crops)."""
     P = np.asarray(P)
     counts = _crop_counts(image_index, n_images)
     votes = np.zeros_like(P, dtype=np.float64)
     votes[np.arange(len(P)), P.argmax(axis=1)] = 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = _segment_sum(P, image_index, n_images) / counts[:, None]
-        scores = _segment_sum(votes, image_index, n_images) + 1e-3 * mean_p  # 1e-3 * mean < 1 vote
-        scores /= scores.sum(axis=1, keepdims=True)
+        scores = _segment_sum(votes, image_index, n_images) / counts[:, None] + TIE_BREAK * mean_p
     scores[counts == 0] = np.nan
     return scores
+
+
+def vote_counts(P: np.ndarray) -> np.ndarray:
+    """Votes per country of one image's crops [C] (each crop: its argmax)."""
+    P = np.asarray(P)
+    return np.bincount(P.argmax(axis=1), minlength=P.shape[1]) if len(P) else np.zeros(P.shape[1], dtype=np.int64)
 
 
 def logprob_vote(P: np.ndarray, image_index: np.ndarray, n_images: int, group_index: np.ndarray | None = None,

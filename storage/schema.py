@@ -117,7 +117,7 @@ PREDICTIONS = pa.schema(
         pa.field("country", pa.string(), nullable=False),  # truth, ISO alpha-2
         pa.field("predicted", pa.string()),  # null: the method had nothing to go on for this image
         pa.field("topk", pa.list_(pa.string()), nullable=False),
-        pa.field("topk_score", pa.list_(pa.float32()), nullable=False),  # probabilities (normalised scores)
+        pa.field("topk_score", pa.list_(pa.float32()), nullable=False),  # logprob/learned: probabilities; majority, expert:*: vote shares
         pa.field("crops", pa.int32(), nullable=False),  # crops that voted
         pa.field("fallback", pa.bool_(), nullable=False),  # True: no crops, the whole-image baseline answered
         pa.field("created_at", TS, nullable=False),

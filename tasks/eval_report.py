@@ -6,7 +6,9 @@ with matplotlib's Agg canvas directly (no pyplot, no display, no global backend 
 
 from __future__ import annotations
 
+import base64
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,17 +98,62 @@ def _table(metrics: pl.DataFrame, datasets: list[str], columns: tuple[str, ...],
     for ds in datasets:
         for method in _methods({m for d, m, _ in by if d == ds}):
             top1 = by.get((ds, method, "top1"), {})
-            row = {"dataset": ds, "classifier": labels.get(method, CLASSIFIER.get(method, method)),
-                   "method": method, "top1": fmt(top1.get("value"), top1.get("ci_low"), top1.get("ci_high")),
-                   "n": top1.get("n")}
+            row = {"dataset": ds, "method": method,
+                   "top1": fmt(top1.get("value"), top1.get("ci_low"), top1.get("ci_high")),
+                   "poster": POSTER_BY_ROW.get((ds.lower(), method)), "n": top1.get("n")}
             for c in columns:
                 r = by.get((ds, method, c), {})
                 row[c] = fmt(r.get("value"), *((r.get("ci_low"), r.get("ci_high")) if c in CI_METRICS else ()))
-            row["poster"] = POSTER_BY_ROW.get((ds.lower(), method))
+            row["classifier"] = labels.get(method, CLASSIFIER.get(method, method))
             rows.append(row)
-    schema = {"dataset": pl.String, "classifier": pl.String, "method": pl.String, "top1": pl.String,
-              "n": pl.Int64, **{c: pl.String for c in columns}, "poster": pl.Float64}
+    # The numbers first and the poster's beside ours: a narrow view (the Prefect UI) cuts the right side.
+    schema = {"dataset": pl.String, "method": pl.String, "top1": pl.String, "poster": pl.Float64, "n": pl.Int64,
+              **{c: pl.String for c in columns}, "classifier": pl.String}
     return pl.DataFrame(rows, schema=schema)
+
+
+def _numbers(metrics: pl.DataFrame, datasets: list[str], columns: tuple[str, ...],
+             labels: dict[str, str]) -> pl.DataFrame:
+    """The same rows as `_table`, with numbers as numbers: each metric a float column, and for the
+    CI metrics its `<metric>_ci_low` / `<metric>_ci_high` beside it; `n` an integer (for artifacts)."""
+    by = _latest(metrics.filter(pl.col("dataset").is_in(datasets)))
+    present = {k[2] for k in by}
+    columns = ("top1",) + tuple(c for c in columns if c in present or c in TABLE1_METRICS)
+    schema: dict[str, Any] = {"dataset": pl.String, "method": pl.String, "n": pl.Int64, "top1": pl.Float64,
+                              "poster": pl.Float64}
+    for c in columns:
+        schema[c] = pl.Float64
+        if c in CI_METRICS:
+            schema[f"{c}_ci_low"] = schema[f"{c}_ci_high"] = pl.Float64
+    schema["classifier"] = pl.String
+    rows = []
+    for ds in datasets:
+        for method in _methods({m for d, m, _ in by if d == ds}):
+            row = {"dataset": ds, "method": method, "n": by.get((ds, method, "top1"), {}).get("n"),
+                   "poster": POSTER_BY_ROW.get((ds.lower(), method))}
+            for c in columns:
+                r = by.get((ds, method, c), {})
+                row[c] = _round(r.get("value"))
+                if c in CI_METRICS:
+                    row[f"{c}_ci_low"], row[f"{c}_ci_high"] = _round(r.get("ci_low")), _round(r.get("ci_high"))
+            row["classifier"] = labels.get(method, CLASSIFIER.get(method, method))
+            rows.append(row)
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _round(value: float | None) -> float | None:
+    """4 decimals; None for a missing or NaN value (JSON has no NaN)."""
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def table1_numbers(metrics: pl.DataFrame, datasets: list[str]) -> pl.DataFrame:
+    """Table 1 with numbers as numbers and n, CIs in their own columns (the `table-1` artifact)."""
+    return _numbers(metrics, datasets, TABLE1_METRICS, {})
+
+
+def table2_numbers(metrics: pl.DataFrame, datasets: list[str]) -> pl.DataFrame:
+    """Table 2 with numbers as numbers (the `table-2` artifact)."""
+    return _numbers(metrics, datasets, TABLE2_METRICS, {"majority": "ensemble (majority vote)"})
 
 
 def table1(metrics: pl.DataFrame, datasets: list[str]) -> pl.DataFrame:
@@ -243,11 +290,23 @@ def _figure_datasets(predictions: pl.DataFrame, datasets: list[str], method: str
     return [d for d in dict.fromkeys(datasets) if d in have]
 
 
+def png_data_url(data: bytes) -> str:
+    """A PNG as a data URL: markdown viewers without the files (the Prefect UI) still show it."""
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def is_untrained(metrics: pl.DataFrame, untrained: bool) -> bool:
+    """The caller's flag, or any metric row's own `untrained` flag (never hidden)."""
+    return untrained or ("untrained" in metrics.columns and bool(metrics["untrained"].any()))
+
+
 def report_markdown(metrics: pl.DataFrame, predictions: pl.DataFrame, *, eval_id: str,
                     table1_datasets: list[str], table2_datasets: list[str], untrained: bool,
-                    notes: list[str] = (), figure_method: str = FIGURE_METHOD, img_prefix: str = "") -> str:
-    """The whole report; images are linked by relative file name (`img_prefix` + name)."""
-    untrained = untrained or ("untrained" in metrics.columns and bool(metrics["untrained"].any()))
+                    notes: list[str] = (), figure_method: str = FIGURE_METHOD, img_prefix: str = "",
+                    images: dict[str, bytes] | None = None) -> str:
+    """The whole report. Figures are linked by relative file name (`img_prefix` + name), or, with
+    `images` (file name -> PNG), embedded as data URLs."""
+    untrained = is_untrained(metrics, untrained)
     lines = [f"# Evaluation `{eval_id}`", ""]
     if untrained:
         lines += [UNTRAINED_BANNER, ""]
@@ -257,13 +316,17 @@ def report_markdown(metrics: pl.DataFrame, predictions: pl.DataFrame, *, eval_id
               md_table(table1(metrics, table1_datasets).to_arrow()), ""]
     lines += ["## Table 2: held-out benchmarks", "", md_table(table2(metrics, table2_datasets).to_arrow()), ""]
     lines += ["## The poster's numbers (top-1 country accuracy)", "", md_table(poster_table().to_arrow()), ""]
+
+    def src(name: str) -> str:
+        return png_data_url(images[name]) if images is not None and name in images else img_prefix + name
+
     figs = _figure_datasets(predictions, [*table1_datasets, *table2_datasets], figure_method)
     if figs:
         lines += [f"## Figures (`{figure_method}`)", ""]
         for ds in figs:
             conf, per = figure_names(ds)
-            lines += [f"### {ds}", "", f"![confusion matrix, {ds}]({img_prefix}{conf})", "",
-                      f"![per-country accuracy, {ds}]({img_prefix}{per})", ""]
+            lines += [f"### {ds}", "", f"![confusion matrix, {ds}]({src(conf)})", "",
+                      f"![per-country accuracy, {ds}]({src(per)})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -271,8 +334,10 @@ def report_markdown(metrics: pl.DataFrame, predictions: pl.DataFrame, *, eval_id
 class Report:
     markdown: str  # links images by file name, for reports/<eval_id>/report.md
     latest: str  # the same, linking `<eval_id>/<name>`, for reports/latest.md
-    tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # artifact key -> table
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # artifact key -> table, numbers as numbers
     pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
+    embedded: str = ""  # the report with its figures inline (data URLs), for the Prefect artifact
+    untrained: bool = False  # demo models: every artifact carries UNTRAINED_BANNER
 
 
 def build_report(metrics: pl.DataFrame, predictions: pl.DataFrame, *, eval_id: str, table1_datasets: list[str],
@@ -289,8 +354,10 @@ def build_report(metrics: pl.DataFrame, predictions: pl.DataFrame, *, eval_id: s
     return Report(
         markdown=report_markdown(metrics, predictions, **kw),
         latest=report_markdown(metrics, predictions, img_prefix=f"{eval_id}/", **kw),
-        tables={"table-1": table1(metrics, table1_datasets), "table-2": table2(metrics, table2_datasets)},
+        tables={"table-1": table1_numbers(metrics, table1_datasets), "table-2": table2_numbers(metrics, table2_datasets)},
         pngs=pngs,
+        embedded=report_markdown(metrics, predictions, images=pngs, **kw),
+        untrained=is_untrained(metrics, untrained),
     )
 
 

@@ -28,6 +28,7 @@ from storage.queries import catalog
 from storage.schema import METRICS, PREDICTIONS, to_table
 from storage.shards import Output, commit_shard, is_committed
 from tasks.baselines import source_key
+from tasks import progress
 from tasks.loader import CropStream, make_loader
 from tasks.metrics import coverage_row, image_metrics
 from tasks.specs import EvalSpec
@@ -75,6 +76,7 @@ def expert_probs(root: DataRoot, expert: Expert, frame: pl.DataFrame, batch_size
     stream = CropStream(root.url, units, expert.transforms(train=False), train=False)
     for x, pos, _ in make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda"):
         out[pos.numpy()] = expert.predict_proba(x).numpy()
+        progress.advance(len(pos))
     return out
 
 
@@ -151,9 +153,11 @@ def evaluate(root: DataRoot, spec: EvalSpec) -> dict:
         return {**summary, "cached": True}
 
     loaded: dict = {}
-    probs = crop_probabilities(root, experts, test, countries, spec, loaded)
+    with progress.scope("evaluate", f"test crops of {', '.join(datasets)}", test.height, "crops"):
+        probs = crop_probabilities(root, experts, test, countries, spec, loaded)
     val = load_crops(root, segmenter_id, vote_groups, "val", _train_datasets(experts, root))
-    val_probs = crop_probabilities(root, experts, val, countries, spec, loaded)
+    with progress.scope("evaluate", "val crops (learned group weights)", val.height, "crops"):
+        val_probs = crop_probabilities(root, experts, val, countries, spec, loaded)
     truth_val = dict(zip(val_images["image_id"], val_images["country"]))
     weights = learn_weights(val, val_probs, truth_val, vote_groups, countries)
     log.info("learned group weights on %d val crops: %s", val.height,

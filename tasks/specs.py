@@ -316,5 +316,5 @@ class RetrainSpec(Spec):
     """Emit `geofeat.features.added` after a build that added at least `min_new_features` crops; the
     trigger of deployment `train-experts/<deployment>` (prefect.yaml) listens for it."""
 
-    deployment: str = Field("default", description="the train-experts deployment whose trigger should fire")
+    deployment: str = Field("vit-b16", description="the train-experts deployment whose trigger should fire")
     min_new_features: int = Field(1000, ge=1, description="fewer new crops (a no-op run: 0) emit nothing")

@@ -38,6 +38,7 @@ from storage.queries import catalog
 from storage.schema import EXPERTS, to_table
 from storage.shards import Output, commit_shard, is_committed
 from tasks.baselines import source_key
+from tasks import progress
 from tasks.loader import CropStream, Unit, make_loader
 from tasks.specs import TINY, TrainSpec
 
@@ -281,6 +282,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            progress.advance()
             state["consumed"] = {w: int(n) for w, n in enumerate(consumed.tolist())}
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 raise RuntimeError(f"stopped after {stop_after_steps} steps (simulated crash)")
@@ -352,8 +354,9 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter_id: str,
     if resumed is not None:
         summary["resumed_at_step"] = resumed
     stop = trainer.done
-    while not stop:
-        stop = trainer.run_epoch(stop_after_steps)
+    with progress.scope("train-experts", f"{group} expert", trainer.total_steps, "steps", done=trainer.state["step"]):
+        while not stop:
+            stop = trainer.run_epoch(stop_after_steps)
     if not os.path.exists(trainer.best_dir):
         raise RuntimeError(f"{group}: training ended without a checkpoint in {trainer.best_dir}")
     uri = register(root, spec, segmenter_id, trainer)

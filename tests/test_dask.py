@@ -233,6 +233,6 @@ def test_dask_build_matches_the_thread_build(prefect_harness, new_children, tmp_
     assert sorted(n for n, _, _ in submitted) == sorted(n for n, k in shards.items() for _ in range(k))
     assert {n: a.get("resources") for n, a, _ in submitted} == {"ingest-shard": None, "segment-shard": {"GPU": 1}}
     assert {url.rstrip("/") for _, _, url in submitted} == {PREFECT_API_URL.value().rstrip("/")}
-    on_server = [t for t in task_runs if t.name.startswith(("ingest-demo", "segment-demo"))]
+    on_server = [t for t in task_runs if t.name.startswith(("ingest demo", "segment demo"))]  # shard run names
     assert len(on_server) == len(submitted) and all(t.state_name == "Completed" for t in on_server)
     assert Path(tmp_path / "dask" / "catalog.sql").exists()

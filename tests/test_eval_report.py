@@ -72,7 +72,7 @@ def test_fmt():
 def test_table1_poster_numbers_only_on_matching_rows():
     m = metrics_frame(*(metric_rows(ds, T1_METHODS + ["expert:random"]) for ds in ("g50", "g3", "demo")))
     t = er.table1(m, ["g50", "g3", "demo"])
-    assert t.columns == ["dataset", "classifier", "method", "top1", "n", "top5", "continent", "coverage", "poster"]
+    assert t.columns == ["dataset", "method", "top1", "poster", "n", "top5", "continent", "coverage", "classifier"]
     assert t.height == 3 * 10
     assert row(t, "g50", "majority")["poster"] == 0.5393
     assert row(t, "g50", "expert:ground")["poster"] == 0.4946
@@ -121,8 +121,8 @@ def test_table2_distance_metrics_only_when_present():
                       metric_rows("demo-im2gps", ["majority"]),
                       metric_rows("g50", ["majority"], dist))
     t = er.table2(m, ["im2gps", "demo-im2gps"])
-    assert t.columns == ["dataset", "classifier", "method", "top1", "n", "top5", "continent", "within_2500km",
-                         "within_750km", "coverage", "poster"]
+    assert t.columns == ["dataset", "method", "top1", "poster", "n", "top5", "continent", "within_2500km",
+                         "within_750km", "coverage", "classifier"]
     ens = row(t, "im2gps", "majority")
     assert ens["poster"] == 0.0302 and ens["classifier"].startswith("ensemble")
     assert ens["within_750km"] == "0.500 [0.47, 0.53]"
@@ -175,7 +175,8 @@ def test_report_markdown_banner_and_tables():
     assert "DEMO MODELS" in md and "- experts are tiny-random" in md
     assert "95% bootstrap CI over images" in md and "n = images" in md
     assert "## Table 1" in md and "## Table 2" in md
-    assert "| g50 | feature classifier (majority vote) | majority | 0.500 [0.47, 0.53] | 100 |" in md
+    assert "| g50 | majority | 0.500 [0.47, 0.53] | 0.5393 | 100 | 0.500 |" in md
+    assert md.count("| feature classifier (majority vote) |") == 2  # g50, g3
     assert "| 0.5393 |" in md and "| 0.0302 |" in md
     for ds in ("g50", "g3", "im2gps"):
         assert f"(confusion_{ds}.png)" in md and f"(per_country_{ds}.png)" in md
@@ -210,26 +211,51 @@ def test_save_report(tmp_path):
     assert "UNTRAINED" not in (out / "e1" / "report.md").read_text()
 
 
+def test_artifact_tables_hold_numbers_with_n_and_cis_in_their_own_columns():
+    m, p = _inputs()
+    rep = er.build_report(m, p, eval_id="e1", table1_datasets=["g50", "g3"], table2_datasets=["im2gps"])
+    t1, t2 = rep.tables["table-1"], rep.tables["table-2"]
+    assert t1.columns == ["dataset", "method", "n", "top1", "poster", "top1_ci_low", "top1_ci_high", "top5",
+                          "continent", "coverage", "classifier"]
+    assert "within_750km_ci_high" in t2.columns
+    r = row(t1, "g50", "majority")
+    assert (r["n"], r["top1"], r["top1_ci_low"], r["top1_ci_high"], r["top5"]) == (100, 0.5, 0.47, 0.53, 0.5)
+    assert r["poster"] == 0.5393 and r["classifier"] == "feature classifier (majority vote)"
+    assert all(isinstance(v, (int, float)) for k, v in r.items() if k not in ("dataset", "method", "classifier"))
+    nan = metrics_frame(metric_rows("g50", ["majority"], ("top1",), value=float("nan")))
+    assert er.table1_numbers(nan, ["g50"])["top1"].to_list() == [None]  # JSON has no NaN
+
+
 def test_publish_artifacts_calls(monkeypatch):
     import flows.evaluate as fe
 
     calls = []
     monkeypatch.setattr(fe, "create_markdown_artifact",
-                        lambda md, key, description=None: calls.append(("md", key, md)))
+                        lambda md, key, description=None: calls.append(("md", key, md, description)))
     monkeypatch.setattr(fe, "create_table_artifact",
-                        lambda t, key, description=None: calls.append(("table", key, t)))
+                        lambda t, key, description=None: calls.append(("table", key, t, description)))
     m, p = _inputs()
-    rep = er.build_report(m, p, eval_id="e1", table1_datasets=["g50", "g3"], table2_datasets=["im2gps"])
-    fe.publish_artifacts(rep.markdown, rep.tables, rep.pngs)
-    keys = [(kind, key) for kind, key, _ in calls]
+    rep = er.build_report(m, p, eval_id="e1", table1_datasets=["g50", "g3"], table2_datasets=["im2gps"],
+                          untrained=True)
+    fe.publish_artifacts(rep)
+    keys = [(kind, key) for kind, key, _, _ in calls]
     assert keys == [("md", "evaluation-report"), ("table", "table-1"), ("table", "table-2"),
                     ("md", "confusion-matrix"), ("md", "per-country-accuracy")]
-    for _, key, _ in calls:
+    for _, key, _, _ in calls:
         assert all(c.islower() or c.isdigit() or c == "-" for c in key)
-    by = {key: data for _, key, data in calls}
-    assert by["table-1"][0]["poster"] is None and isinstance(by["table-1"], list)
-    assert by["confusion-matrix"].count("data:image/png;base64,") == 3
-    assert "### g3" in by["per-country-accuracy"]
+    by = {key: (data, description) for _, key, data, description in calls}
+    report = by["evaluation-report"][0]
+    assert report.count("](data:image/png;base64,") == 6 and ".png)" not in report  # figures inline, none linked
+    assert "DEMO MODELS" in report
+    table1, described = by["table-1"]
+    assert isinstance(table1, list) and table1[0]["poster"] is None and isinstance(table1[0]["top1"], float)
+    assert "DEMO MODELS" in described and "DEMO MODELS" in by["table-2"][1]  # the banner where it applies
+    assert by["confusion-matrix"][0].count("data:image/png;base64,") == 3
+    assert "### g3" in by["per-country-accuracy"][0]
+    calls.clear()
+    fe.publish_artifacts(er.build_report(m.with_columns(untrained=pl.lit(False)), p, eval_id="e1",
+                                         table1_datasets=["g50"], table2_datasets=[]))
+    assert not any("DEMO MODELS" in (d or "") + (x if isinstance(x, str) else "") for _, _, x, d in calls)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -245,7 +271,7 @@ def test_publish_artifacts_in_a_flow():
 
     @flow
     def publish():
-        publish_artifacts(rep.markdown, rep.tables, rep.pngs)
+        publish_artifacts(rep)
 
     publish()
     keys = ["evaluation-report", "table-1", "table-2", "confusion-matrix", "per-country-accuracy"]
@@ -255,3 +281,4 @@ def test_publish_artifacts_in_a_flow():
     by = {a.key: a for a in got}
     assert by["table-1"].type == "table" and by["confusion-matrix"].type == "markdown"
     assert "data:image/png;base64," in by["confusion-matrix"].data
+    assert "data:image/png;base64," in by["evaluation-report"].data

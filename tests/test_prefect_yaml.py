@@ -25,7 +25,14 @@ def test_parameters_validate_against_the_flow(deployment):
 def test_deployment_names_are_unique_per_flow():
     keys = [(load_entrypoint(d["entrypoint"]).name, d["name"]) for d in DEPLOYMENTS]
     assert len(keys) == len(set(keys))
-    assert ("build-feature-datasets", "demo") in keys and ("build-feature-datasets", "default") in keys
+    assert ("build-feature-datasets", "demo") in keys and ("build-feature-datasets", "g50-im2gps") in keys
+
+
+def test_deployment_names_say_what_they_are_and_no_schedule_runs_unasked():
+    """No `default`: each name says what it runs. The nightly resegment (Swin-L over everything) ships paused."""
+    assert "default" not in {d["name"] for d in DEPLOYMENTS}
+    scheduled = [(d["name"], s) for d in DEPLOYMENTS for s in d.get("schedules") or []]
+    assert scheduled and all(s.get("active") is False for _, s in scheduled), scheduled
 
 
 def test_demo_deployment_is_the_demo_world():
@@ -56,12 +63,15 @@ def test_each_train_deployment_is_triggered_by_its_own_retrain_events():
     from flows.build_feature_datasets import FEATURES_ADDED
 
     train = [d for d in DEPLOYMENTS if load_entrypoint(d["entrypoint"]).name == "train-experts"]
-    assert {d["name"] for d in train} >= {"default", "demo"}
+    assert {d["name"] for d in train} >= {"vit-b16", "demo"}
     for d in train:
         (trigger,) = d["triggers"]
         assert trigger["expect"] == [FEATURES_ADDED] and trigger["posture"] == "Reactive"
         assert trigger["match"]["geofeat.train-deployment"] == d["name"]
         flow = load_entrypoint(d["entrypoint"])
         flow.validate_parameters({**(d.get("parameters") or {}), **{k: "x" for k in trigger["parameters"]}})
-    retrain = deployment_parameters("build-feature-datasets", "default")["retrain"]
+    retrain = deployment_parameters("build-feature-datasets", "g50-im2gps")["retrain"]
     assert retrain["deployment"] in {d["name"] for d in train}
+    from tasks.specs import RetrainSpec
+
+    assert RetrainSpec().deployment in {d["name"] for d in train}  # the default addresses a real trigger

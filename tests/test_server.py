@@ -64,6 +64,8 @@ def test_up_deployment_run_down(tmp_path):
     try:
         server = json.loads((home / "prefect" / "run" / "server.json").read_text())
         assert server["api_url"] == f"http://127.0.0.1:{port}/api"
+        import httpx  # the UI asks this API (Prefect's default would be port 4200 whatever --port says)
+        assert httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=10).json()["api_url"] == server["api_url"]
         exported = dict(line.removeprefix("export ").split("=", 1) for line in run([geofeat, "env"], env).splitlines())
         run_env = {**env, **{k: json.loads(v) for k, v in exported.items()}}
         assert run_env["PREFECT_HOME"] == str(home / "prefect")  # never ~/.prefect

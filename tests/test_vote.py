@@ -3,7 +3,8 @@ import pytest
 
 from scipy import optimize
 
-from models.vote import _fit_objective, fit_group_weights, logprob_vote, majority_vote, topk
+from models.vote import (TIE_BREAK, _fit_objective, fit_group_weights, logprob_vote, majority_vote, topk,
+                         vote_counts)
 
 # One image, countries A=0 / B=1: two weak crops for A, one very confident crop for B.
 P_SPLIT = np.array([[0.6, 0.4], [0.6, 0.4], [0.01, 0.99]], dtype=np.float32)
@@ -12,13 +13,42 @@ P_SPLIT = np.array([[0.6, 0.4], [0.6, 0.4], [0.01, 0.99]], dtype=np.float32)
 def test_majority_and_logprob_disagree():
     idx = np.zeros(3, dtype=int)
     maj = majority_vote(P_SPLIT, idx, 1)
-    # votes [2, 1] + 1e-3 * mean prob [1.21/3, 1.79/3], normalised
-    raw = np.array([2 + 1e-3 * 1.21 / 3, 1 + 1e-3 * 1.79 / 3])
-    np.testing.assert_allclose(maj[0], raw / raw.sum(), rtol=1e-6)
+    # vote shares [2/3, 1/3], ties ordered by TIE_BREAK * mean prob [1.21/3, 1.79/3]
+    np.testing.assert_allclose(maj[0], [2 / 3 + TIE_BREAK * 1.21 / 3, 1 / 3 + TIE_BREAK * 1.79 / 3], rtol=1e-12)
     lp = logprob_vote(P_SPLIT, idx, 1)
     s = np.log(P_SPLIT.astype(np.float64) + 1e-6).sum(axis=0)
     np.testing.assert_allclose(lp[0], np.exp(s) / np.exp(s).sum(), rtol=1e-6)
     assert maj[0].argmax() == 0 and lp[0].argmax() == 1
+
+
+def test_majority_confidence_is_the_vote_share():
+    """One crop of confidence 0.27 is one vote of one: share 1.0, never a renormalised 0.999."""
+    P = np.array([[0.27, 0.25, 0.24, 0.24]], dtype=np.float32)
+    scores = majority_vote(P, np.zeros(1, dtype=int), 1)
+    assert np.float32(scores[0, 0]) == 1.0 and 0 < scores[0, 1] < 1e-9  # tie order only: 0.0000 to 4 places
+    assert list(topk(scores, 4)[0][0]) == [0, 1, 2, 3]  # the rest in order of probability
+    assert list(vote_counts(P)) == [1, 0, 0, 0]
+
+
+def test_majority_ranks_like_the_renormalised_votes_it_replaced():
+    """Evaluation's numbers depend on the ranking only: it equals the old `votes + 1e-3 * mean p` one."""
+    rng = np.random.default_rng(0)
+    n_images, C = 400, 12
+    idx = np.sort(rng.integers(0, n_images, 3000))
+    P = rng.dirichlet(np.full(C, 0.3), size=len(idx)).astype(np.float32)
+    P[::7] = P[::7].round(1)  # coarse probabilities make ties in votes and near-ties in mean p
+    counts = np.bincount(idx, minlength=n_images)
+    votes = np.zeros((n_images, C))
+    np.add.at(votes, (idx, P.argmax(axis=1)), 1)
+    mean_p = np.zeros((n_images, C))
+    np.add.at(mean_p, idx, P.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        old = votes + 1e-3 * mean_p / counts[:, None]
+        old /= old.sum(axis=1, keepdims=True)
+    old[counts == 0] = np.nan
+    new = majority_vote(P, idx, n_images)
+    np.testing.assert_array_equal(topk(new, 5)[0], topk(old, 5)[0])
+    np.testing.assert_allclose(np.nansum(new, axis=1)[counts > 0], 1.0, atol=1e-8)  # shares sum to one
 
 
 def test_majority_tie_goes_to_higher_mean_probability():
@@ -26,7 +56,7 @@ def test_majority_tie_goes_to_higher_mean_probability():
                   [0.55, 0.45], [0.1, 0.9]], dtype=np.float32)  # image 1: 1-1, mean B 0.675
     scores = majority_vote(P, np.array([0, 0, 1, 1]), 2)
     assert scores[0].argmax() == 0 and scores[1].argmax() == 1
-    np.testing.assert_allclose(scores.sum(axis=1), 1.0)
+    np.testing.assert_allclose(scores, 0.5, atol=1e-8)  # one vote of two each
     # an extra vote beats any probability margin
     P3 = np.array([[0.51, 0.49], [0.51, 0.49], [0.0, 1.0]], dtype=np.float32)
     assert majority_vote(P3, np.zeros(3, dtype=int), 1)[0].argmax() == 0
