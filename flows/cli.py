@@ -162,7 +162,6 @@ def _prefect(root: DataRoot) -> None:
         from flows import env as prefect_env
 
         prefect_env.apply(root)
-    os.environ.setdefault("GEOFEAT_HOME", root.url)
 
 
 def _fail(message: str) -> None:
