@@ -137,11 +137,32 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the full tr
 # ---------------------------------------------------------------- the data root
 
 
-def _root(config: Optional[Path] = None, *, create: bool = False) -> DataRoot:
-    """The data root, said on stderr when it is new or empty (and for commands that write: always).
-    A command that only reads refuses a root that does not exist (exit 2) instead of creating it."""
+def _start(config: Optional[Path] = None) -> DataRoot:
+    """The data root, found; and the offline Prefect environment for it, set before anything imports
+    Prefect (loading a config file does). Nothing is created or printed yet."""
     url, how = find_home(config=config)
     root = DataRoot(url)
+    if "prefect" not in sys.modules:
+        import warnings
+
+        from flows import env as prefect_env
+
+        prefect_env.apply(root, create=False)
+        # Prefect tries to make its home at import; `_run` makes it just before a run (a refused command
+        # leaves no folder behind), so that first attempt's warning is noise.
+        warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
+    FOUND[root.url] = how
+    return root
+
+
+FOUND: dict[str, str] = {}  # data root -> how it was found (for the line that says it)
+
+
+def _root(config: Optional[Path] = None, *, create: bool = False, root: DataRoot | None = None) -> DataRoot:
+    """The data root, said on stderr when it is new or empty (and for commands that write: always).
+    A command that only reads refuses a root that does not exist (exit 2) instead of creating it."""
+    root = root or _start(config)
+    url, how = root.url, FOUND.get(root.url, "")
     try:
         present = root.fs.exists(root.url)
     except OSError as exc:  # e.g. a bucket that does not exist
@@ -155,13 +176,6 @@ def _root(config: Optional[Path] = None, *, create: bool = False) -> DataRoot:
                     fg="yellow" if state else None)
     return root
 
-
-def _prefect(root: DataRoot) -> None:
-    """The offline Prefect environment for this root, set before Prefect is first imported."""
-    if "prefect" not in sys.modules:
-        from flows import env as prefect_env
-
-        prefect_env.apply(root)
 
 
 def _fail(message: str) -> None:
@@ -317,14 +331,18 @@ def _check(typed: dict) -> None:
         check_checkpoint(spec.checkpoint, EXPERT_FIELD, ExpertUnavailable)
 
 
-def _run(flow_name: str, params: Params, root: DataRoot | None = None) -> Any:
-    """Validate, check the inputs, then run the flow in this process (on `root`, else the one found)."""
+def _run(flow_name: str, params: Params, root: DataRoot, announced: bool = False) -> Any:
+    """Validate, check the inputs, then run the flow in this process on `root`."""
     typed = params.typed()
     _check_inputs(typed, params.flags)
-    root = root or _root(params.config, create=True)
+    if not announced:
+        _root(root=root, create=True)
     typed["home"] = root.url
-    _prefect(root)
+    from flows import env as prefect_env
     from flows.deployments import load_flow
+
+    if os.environ.get("PREFECT_HOME"):
+        prefect_env.ensure_prefect_home()
 
     flow = load_flow(flow_name)
     _tame_console_logs()  # Prefect's handlers exist now
@@ -382,6 +400,7 @@ def ingest(
     config: Optional[Path] = CONFIG,
 ):
     """Run the `ingest` flow in this process: one dataset into the catalog."""
+    root = _start(config)
     params = Params("ingest", None, config, default=None)
     params.source("source", layout, source, dataset, images, as_list=False)
     if not params.values.get("source"):
@@ -392,7 +411,7 @@ def ingest(
         params.flags["source.split.policy"] = "--split"
     params.set("options.shard_size", shard_size, "--shard-size")
     params.set("options.mode", mode, "--mode")
-    summary = _run("ingest", params)
+    summary = _run("ingest", params, root)
     typer.echo(json.dumps(summary, indent=1))
 
 
@@ -413,13 +432,14 @@ def build(
     """Run `build-feature-datasets` in this process: ingest, segment, check.
 
     Parameters from a prefect.yaml deployment or --config FILE, with flag overrides."""
+    root = _start(config)
     params = Params("build-feature-datasets", deployment, config, default="demo",
                     flags_given=bool(source or layout or dataset))
     params.source("sources", layout, source, dataset, images, as_list=True)
     params.segmenter_checkpoint(segmenter_checkpoint)
     params.set("run.device", device, "--device")
     params.set("run.batch_size", batch_size, "--batch-size")
-    result = _run("build-feature-datasets", params)
+    result = _run("build-feature-datasets", params, root)
     if result.get("segmented"):
         typer.echo(f"segmenter: {result['segmented']['segmenter']}", err=True)
     summary(config)
@@ -436,12 +456,13 @@ def segment(
     batch_size: Optional[int] = BATCH_SIZE,
 ):
     """Run the `segment` flow in this process, with a deployment's or --config FILE's parameters."""
+    root = _start(config)
     params = Params("segment", deployment, config, default="resegment")
     params.set("datasets", dataset, "--dataset")
     params.segmenter_checkpoint(segmenter_checkpoint)
     params.set("run.device", device, "--device")
     params.set("run.batch_size", batch_size, "--batch-size")
-    typer.echo(json.dumps(_run("segment", params), indent=1))
+    typer.echo(json.dumps(_run("segment", params, root), indent=1))
 
 
 @app.command("train-experts")
@@ -461,6 +482,7 @@ def train(
     """Run `train-experts` in this process: one expert per feature group on one segmenter's crops."""
     from flows.deployments import resolve_path
 
+    root = _start(config)
     params = Params("train-experts", deployment, config, default="demo")
     if experts_checkpoint:
         params.set("spec.checkpoint", resolve_path(experts_checkpoint, Path.cwd(), "checkpoint"), "--experts-checkpoint")
@@ -472,7 +494,7 @@ def train(
     typed = params.typed()
     _check_inputs(typed, params.flags)  # a missing checkpoint is said before anything else
     spec = typed.get("spec")
-    root = _root(config, create=True)
+    _root(root=root, create=True)
     if spec is None or not spec.segmenter:
         from storage.catalog import refresh_catalog
         from tasks.train_experts import default_segmenter
@@ -480,7 +502,7 @@ def train(
         refresh_catalog(root)
         chosen = default_segmenter(root, spec.datasets if spec else None, bool(spec and spec.allow_untrained))
         typer.echo(f"segmenter: {chosen} (the latest trained one with train crops; pin it with --segmenter)", err=True)
-    result = _run("train-experts", params, root)
+    result = _run("train-experts", params, root, announced=True)
     typer.echo(json.dumps(result, indent=1, default=str))
 
 
@@ -498,6 +520,7 @@ def evaluate(
     allow_untrained: bool = ALLOW_UNTRAINED,
 ):
     """Run `evaluate` in this process and print the report (Tables 1 and 2)."""
+    root = _start(config)
     params = Params("evaluate", deployment, config, default="demo")
     params.set("spec.segmenter", segmenter, "--segmenter")
     params.set("spec.experts_run", experts_run, "--experts-run")
@@ -507,9 +530,9 @@ def evaluate(
     params.set("spec.batch_size", batch_size, "--batch-size")
     params.set("spec.allow_untrained", allow_untrained, "--allow-untrained")
     spec = params.typed().get("spec")
-    root = _root(config, create=True)
+    _root(root=root, create=True)
     _say_experts(root, spec)
-    _run("evaluate", params, root)
+    _run("evaluate", params, root, announced=True)
     report(config)
 
 
@@ -680,6 +703,7 @@ def deploy(
     """Deploy a config file's flows to the server that `geofeat up` started (work pool `geofeat`).
 
     The same parameters as `--config FILE`; relative paths resolve against the file's folder."""
+    root = _start(config)
     from flows import env as prefect_env
     from flows.deployments import FLOWS, config_parameters, config_sections, deploy as deploy_flow
 
@@ -692,7 +716,7 @@ def deploy(
     missing = [f for f in flows if sections and f not in sections]
     if missing:
         _fail(f"--flow {missing[0]}: {config} has no section {missing[0]} (it has {', '.join(sections)})")
-    root = _root(config, create=True)
+    _root(root=root, create=True)
     server = prefect_env.running_server(root)
     if not server:
         _failed(f"no Prefect server for data root {root.url}; start one with `geofeat up` (same GEOFEAT_HOME)")

@@ -347,8 +347,9 @@ def too_small(sel: Selection, spec: TrainSpec) -> str | None:
         problems.append("no val crops of those countries")
     if not problems:
         return None
-    return (f"{' and '.join(problems)} ({sel.train_crops} train crops of segmenter value {sel.key}); "
-            "segment more images, or lower spec.min_crops_per_country")
+    total = sel.train_crops + sum(sel.dropped.values())
+    return (f"{' and '.join(problems)} ({total} train crops in {len(sel.labels) + len(sel.dropped)} countries of "
+            f"segmenter value {sel.key}); segment more images, or lower spec.min_crops_per_country")
 
 
 def require_experts(results: list[dict], segmenter_id: str) -> None:

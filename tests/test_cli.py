@@ -166,6 +166,7 @@ def test_a_failed_flow_run_ends_in_the_error_line_without_a_traceback(mess, tmp_
     assert res.returncode == 2, res.stderr
     assert lines[-1].startswith("error: --source ") and "no IMG_ID column" in lines[-1], res.stderr
     assert "Traceback" not in res.stderr and len(lines) < 15, res.stderr
+    assert (tmp_path / "home" / "prefect").is_dir() and "telemetry" not in res.stderr  # the offline env, set in time
     debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], env=env, capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "no IMG_ID column" in debug.stderr
 
