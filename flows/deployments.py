@@ -16,6 +16,8 @@ process and on a worker. The fields that hold paths are marked in tasks/specs.py
 
 from __future__ import annotations
 
+import contextlib
+import io
 import typing
 from pathlib import Path
 from types import UnionType
@@ -248,7 +250,7 @@ def deploy(flow_name: str, name: str, params: dict, api_url: str, description: s
     from flows.server import WORK_POOL
 
     entrypoint = FLOWS[flow_name]
-    with temporary_settings({PREFECT_API_URL: api_url}):
+    with temporary_settings({PREFECT_API_URL: api_url}), contextlib.redirect_stdout(io.StringIO()):  # its table
         flow = load_entrypoint(entrypoint).from_source(source=str(PROJECT_DIR), entrypoint=entrypoint)
         deployment_id = flow.deploy(name=name, work_pool_name=WORK_POOL, parameters=params, build=False, push=False,
                                     description=description, print_next_steps=False, ignore_warnings=True)
