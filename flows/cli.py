@@ -177,7 +177,6 @@ def _root(config: Optional[Path] = None, *, create: bool = False, root: DataRoot
     return root
 
 
-
 def _fail(message: str) -> None:
     """A usage or configuration error (exit 2)."""
     _say(message)
