@@ -709,9 +709,11 @@ def deploy(
     sections = config_sections(config)
     flows = list(flow or sections)
     unknown = [f for f in flows if f not in FLOWS]
-    if unknown or not flows:
-        _fail(f"--flow {unknown[0] if unknown else ''}: give one or more of {', '.join(FLOWS)} "
-              + ("" if sections else f"({config} holds one flow's parameters: say which)"))
+    if unknown:
+        _fail(f"--flow {unknown[0]}: not a flow; give one or more of {', '.join(FLOWS)}")
+    if not flows:
+        _fail(f"--flow is missing: {config} holds one flow's parameters; say which flow they are for "
+              f"({', '.join(FLOWS)})")
     missing = [f for f in flows if sections and f not in sections]
     if missing:
         _fail(f"--flow {missing[0]}: {config} has no section {missing[0]} (it has {', '.join(sections)})")

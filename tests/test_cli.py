@@ -104,6 +104,8 @@ MISTAKES = [
     ("config bad value", ["build", "--config", "{bad_value_cfg}"], {}, 2, ["sources[0].layout", "g51"]),
     ("--flow not in the file", ["deploy", "{good_cfg}", "--name", "x", "--flow", "evaluate"], {}, 2,
      ["--flow evaluate", "no section"]),
+    ("deploy a one-flow file without --flow", ["deploy", "{flat_cfg}", "--name", "x"], {}, 2,
+     ["--flow is missing", "one flow's parameters"]),
     ("a data root that does not exist", ["sql", "SELECT 1"], {"GEOFEAT_HOME": "{tmp}/nowhere"}, 2,
      ["no catalog", "GEOFEAT_HOME"]),
     ("train on an empty catalog", ["train"], {}, 1, ["no train crops", "build-feature-datasets"]),
@@ -122,6 +124,7 @@ def mess(tmp_path, home):
     texts = {"bad_csv": "a,b\n1,2\n", "good_cfg": "ingest: {source: {layout: g50, source: photos, dataset: x}}\n",
              "broken_cfg": "build-feature-datasets: [unclosed\n", "typo_section_cfg": "biuld: {}\ningest: {}\n",
              "typo_param_cfg": "build-feature-datasets: {sorces: []}\n",
+             "flat_cfg": "source: {layout: g50, source: photos, dataset: x}\n",
              "bad_value_cfg": "build-feature-datasets:\n  sources: [{layout: g51, source: photos, dataset: x}]\n"}
     for name, text in texts.items():
         files[name] = write(tmp_path / f"{name}.{'csv' if name.endswith('csv') else 'yaml'}", text.encode())
