@@ -48,12 +48,20 @@ def prefect_env(root: DataRoot | None = None) -> dict[str, str]:
     return env
 
 
-def apply(root: DataRoot | None = None) -> dict[str, str]:
+def apply(root: DataRoot | None = None, create: bool = True) -> dict[str, str]:
     """Set the environment in this process. PREFECT_HOME always follows the data root (runs
-    never touch ~/.prefect); for the other variables, values the user set explicitly win."""
+    never touch ~/.prefect); for the other variables, values the user set explicitly win.
+    `create`: make PREFECT_HOME now (a flow run needs it; a command that may still refuse its
+    arguments makes it later, with `ensure_prefect_home`)."""
     env = prefect_env(root)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if create:
+        ensure_prefect_home()
     return env
+
+
+def ensure_prefect_home() -> None:
+    """The temporary Prefect server keeps its SQLite file there: it must exist before a run."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,21 @@ def ingest_shard_task(home: str, plan: stage.ShardPlan, ingested_at: datetime) -
 
 
 def check_source(spec: SourceSpec, field: str) -> None:
-    """Configuration errors raise before any work, naming the field and the fix."""
+    """Configuration errors raise before any work, naming the field and the fix: a missing source, or
+    a folder where the layout reads a CSV and the other way round."""
     if not sources.exists(spec.source):
         raise ValueError(f"{field}.source: {spec.source!r} does not exist; point it at the {spec.layout} data")
+    folder = sources.is_dir(spec.source)
+    if spec.layout == "g50" and not folder:
+        raise ValueError(f"{field}.source: {spec.source!r} is a file; layout g50 reads a folder of <Country Name>/ "
+                         "folders (or the one holding compressed_dataset/); for a CSV manifest use layout g3")
+    if spec.layout == "im2gps" and folder:
+        raise ValueError(f"{field}.source: {spec.source!r} is a folder; layout im2gps reads the CSV "
+                         "(IMG_ID,AUTHOR,LAT,LON,...), with `images` (--images) for its photo folder")
     if spec.images and not sources.exists(spec.images):
         raise ValueError(f"{field}.images: {spec.images!r} does not exist; omit it to use the CSV's folder")
+    if spec.images and not sources.is_dir(spec.images):
+        raise ValueError(f"{field}.images: {spec.images!r} is a file; give the folder holding the photos")
 
 
 @flow(name="ingest", flow_run_name=ingest_run_name)

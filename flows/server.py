@@ -1,11 +1,14 @@
 """`geofeat up` / `geofeat down`: a local Prefect server, work pool, deployments and worker.
 
 Everything lives under the data root: the SQLite database (PREFECT_HOME), the logs and
-PID files (PREFECT_HOME/run). `up` is idempotent; `down` stops only what `up` started.
+PID files (PREFECT_HOME/run). `up` is idempotent; `down` stops only what `up` started. `up` also
+notes its data root in the user's state folder (`state_dir()`), so `down` run from another folder
+(where another data root would be found) still finds the server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +67,34 @@ def _run(cmd: list[str], env: dict) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
 
 
+def state_dir() -> Path:
+    """Where `up` notes the data roots it serves: $GEOFEAT_STATE_DIR, else $XDG_STATE_HOME/geofeat,
+    else ~/.local/state/geofeat."""
+    if os.environ.get("GEOFEAT_STATE_DIR"):
+        return Path(os.environ["GEOFEAT_STATE_DIR"])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "geofeat"
+
+
+def _note_path(root: DataRoot) -> Path:
+    return state_dir() / "servers" / f"{hashlib.sha256(root.url.encode()).hexdigest()[:16]}.json"
+
+
+def started_elsewhere() -> list[DataRoot]:
+    """Data roots whose `geofeat up` server is still running (notes of stopped ones are removed)."""
+    roots = []
+    for note in sorted((state_dir() / "servers").glob("*.json")):
+        try:
+            root = DataRoot(json.loads(note.read_text())["home"])
+        except (OSError, ValueError, KeyError):
+            note.unlink(missing_ok=True)
+            continue
+        if prefect_env.running_server(root):
+            roots.append(root)
+        else:
+            note.unlink(missing_ok=True)
+    return roots
+
+
 def _pid_file(root: DataRoot, name: str) -> Path:
     return Path(root.run_dir) / f"{name}.pid"
 
@@ -93,6 +124,11 @@ def up(root: DataRoot, port: int = DEFAULT_PORT, deploy: bool = True) -> dict:
             time.sleep(0.5)
         log.info("server started at %s (pid %d)", api_url, pid)
     env["PREFECT_API_URL"] = api_url
+    try:
+        _note_path(root).parent.mkdir(parents=True, exist_ok=True)
+        _note_path(root).write_text(json.dumps({"home": root.url, "api_url": api_url}))
+    except OSError as exc:  # a read-only home: `down` from another folder then needs GEOFEAT_HOME
+        log.warning("could not note the server in %s: %s", state_dir(), exc)
     if deploy:
         _run([str(BIN / "prefect"), "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env)
         _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
@@ -148,4 +184,5 @@ def down(root: DataRoot) -> list[str]:
         _stop(server["pid"])
         stopped.append(f"server (pid {server['pid']})")
     prefect_env.server_file(root).unlink(missing_ok=True)
+    _note_path(root).unlink(missing_ok=True)
     return stopped

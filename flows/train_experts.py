@@ -57,7 +57,7 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
     log = get_run_logger()
     root = DataRoot.from_env(home)
     refresh_catalog(root)
-    segmenter_id = spec.segmenter or stage.default_segmenter(root, spec.datasets)
+    segmenter_id = spec.segmenter or stage.default_segmenter(root, spec.datasets, spec.allow_untrained)
     if spec.checkpoint == TINY:
         log.warning("experts start from an UNTRAINED tiny random-init ViT: a demo, not the poster's ViT-B/16")
     datasets = catalog_datasets(root)  # baseline crops for every dataset: evaluation needs the test ones too
@@ -78,4 +78,5 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
                           + (" (UNTRAINED tiny random-init start)" if spec.checkpoint == TINY else ""))
     for r in rows:
         log.info("expert %s", r)
+    stage.require_experts(results, segmenter_id)  # every group refused: a failed run, not an empty success
     return {"segmenter": segmenter_id, "baselines": made, "experts": results}

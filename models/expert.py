@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.hub import load_error, processor_mean_std, resolve_checkpoint
+from models.hub import EXPERT_FIELD, load_error, processor_mean_std, resolve_checkpoint
 from models.segmenter import SegmenterUnavailable
 from models.segmenter import resolve_device as _resolve_device
 
@@ -198,7 +198,7 @@ class Expert:
 
         checkpoint = str(checkpoint)
         dev = resolve_device(device)
-        path, local, hub = resolve_checkpoint(checkpoint, "experts.checkpoint", ExpertUnavailable)
+        path, local, hub = resolve_checkpoint(checkpoint, EXPERT_FIELD, ExpertUnavailable)
         sidecar: dict[str, Any] = cls.read_sidecar(path) if local else {}
         extra: dict[str, Any] = {}
         if labels is not None:
@@ -216,7 +216,7 @@ class Expert:
             model = ViTForImageClassification.from_pretrained(
                 path, use_safetensors=True, dtype=torch.float32, **hub, **extra)
         except (OSError, ValueError) as exc:
-            raise ExpertUnavailable(load_error(checkpoint, local, hub, exc, "ViT expert", "experts.checkpoint")) from exc
+            raise ExpertUnavailable(load_error(checkpoint, local, hub, exc, "ViT expert", EXPERT_FIELD)) from exc
         log.info("loaded expert %s in %.1f s", checkpoint, time.perf_counter() - started)
 
         try:

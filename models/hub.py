@@ -2,7 +2,9 @@
 
 A checkpoint is a hub id or a local directory. Only safetensors weights load (pickle is
 refused). Offline settings are read at call time (huggingface_hub reads them at import),
-so a missing checkpoint fails at once with a message that says what to do.
+so a missing checkpoint fails at once with a message that says what to do. Without
+HF_HUB_OFFLINE, a short TCP probe of the hub (or the proxy) decides: no network means offline
+now, instead of ~40 s of retries before the same error.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 from storage.sources import is_local, url_fs
 
@@ -24,6 +30,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 REMOTE_CACHE = "geofeat-remote-checkpoints"  # under the temp dir: local copies of remote checkpoints
+PROBE_TIMEOUT = 1.5  # s to open a TCP connection to the hub before calling it offline
+PROBE_TTL = 60.0  # s a probe's answer is reused (a long-lived worker sees the network come back)
+# The field (and flag) that names each kind of checkpoint, for the messages.
+SEGMENTER_FIELD = "segmenter.checkpoint (geofeat build/segment --segmenter-checkpoint)"
+EXPERT_FIELD = "spec.checkpoint of train-experts (geofeat train --experts-checkpoint)"
+_probes: dict[tuple[str, int], tuple[float, bool]] = {}
 
 
 def _env_true(name: str) -> bool:
@@ -40,6 +52,51 @@ def hub_offline() -> bool:
         return bool(constants.is_offline_mode())
     except Exception:  # noqa: BLE001 - older hub: no helper
         return False
+
+
+def hub_address() -> tuple[str, int]:
+    """(host, port) a hub download connects to first: the HTTPS proxy if one is set, else HF_ENDPOINT."""
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else endpoint)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable() -> bool:
+    """Can a TCP connection to the hub (or proxy) be opened within PROBE_TIMEOUT? Name resolution
+    included (it has no timeout of its own, hence the thread). Answers are reused for PROBE_TTL."""
+    address = hub_address()
+    now = time.monotonic()
+    cached = _probes.get(address)
+    if cached and now - cached[0] < PROBE_TTL:
+        return cached[1]
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    thread.start()
+    thread.join(PROBE_TIMEOUT + 0.25)
+    reachable = bool(result and result[0])
+    _probes[address] = (now, reachable)
+    return reachable
+
+
+def in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    """Is the checkpoint's config.json in the local HF cache (for this revision)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed id or cache: not cached
+        return False
+    return isinstance(found, str)
 
 
 def hub_cache_dir() -> str | None:
@@ -108,12 +165,24 @@ def resolve_checkpoint(checkpoint: str, field: str, error: type[Exception],
             raise error(f"local directory '{checkpoint}' holds no model.safetensors (found: {sorted(names)[:10]}); "
                         "expected config.json + model.safetensors (+ preprocessor_config.json), e.g. from "
                         f"`hf download ORG/NAME --local-dir DIR`, then set {field} to DIR")
-    hub: dict[str, Any] = {"local_files_only": hub_offline()}
+    # No HF_HUB_OFFLINE but no network either: offline now (the cache still serves what it holds).
+    hub: dict[str, Any] = {"local_files_only": hub_offline() or (not local and not hub_reachable())}
     if revision:
         hub["revision"] = revision
     if not local and hub_cache_dir():
         hub["cache_dir"] = hub_cache_dir()
     return (expanded if local else checkpoint), local, hub
+
+
+def check_checkpoint(checkpoint: str, field: str, error: type[Exception], revision: str | None = None) -> None:
+    """Fail now (in well under 2 s) when a checkpoint cannot load: a missing or pickle-only local
+    directory, or a hub id that is not cached while the hub cannot be reached. Nothing is downloaded
+    (remote URLs are checked when they are copied)."""
+    if "://" in checkpoint and not is_local(checkpoint):
+        return
+    path, local, hub = resolve_checkpoint(checkpoint, field, error, revision)
+    if not local and hub["local_files_only"] and not in_hub_cache(checkpoint, revision):
+        raise error(load_error(checkpoint, local, hub, FileNotFoundError("not in the local cache"), "", field))
 
 
 def load_error(checkpoint: str, local: bool, hub: dict[str, Any], exc: BaseException, what: str, field: str) -> str:
@@ -129,7 +198,12 @@ def load_error(checkpoint: str, local: bool, hub: dict[str, Any], exc: BaseExcep
     if local:
         return (f"could not load the {what} checkpoint in local directory '{checkpoint}': expected "
                 f"config.json + model.safetensors (+ preprocessor_config.json). ({detail})")
-    why = "HF_HUB_OFFLINE=1" if hub.get("local_files_only") else "HF_HUB_OFFLINE=1 / no network"
+    if hub_offline():
+        why = "HF_HUB_OFFLINE=1"
+    elif hub.get("local_files_only"):
+        why = "no network: %s:%d did not answer within %.1f s" % (*hub_address(), PROBE_TIMEOUT)
+    else:
+        why = "no network"
     return (f"checkpoint '{checkpoint}' is not in the local Hugging Face cache and the hub cannot be reached "
             f"({why}). Download it on a machine with network (`hf download {checkpoint} --local-dir DIR`) "
             f"and set {field} to DIR. ({detail})")

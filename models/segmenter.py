@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.hub import IMAGENET_MEAN, IMAGENET_STD, load_error, processor_mean_std, resolve_checkpoint
+from models.hub import IMAGENET_MEAN, IMAGENET_STD, SEGMENTER_FIELD, load_error, processor_mean_std, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -346,14 +346,14 @@ class Mask2FormerSegmenter:
 
         checkpoint = str(checkpoint)
         dev = resolve_device(device)
-        path, local, hub = resolve_checkpoint(checkpoint, "segmenter.checkpoint", SegmenterUnavailable, revision)
+        path, local, hub = resolve_checkpoint(checkpoint, SEGMENTER_FIELD, SegmenterUnavailable, revision)
         started = time.perf_counter()
         try:
             model = Mask2FormerForUniversalSegmentation.from_pretrained(
                 path, use_safetensors=True, dtype=torch.float32, **hub)
         except (OSError, ValueError) as exc:
             raise SegmenterUnavailable(
-                load_error(checkpoint, local, hub, exc, "Mask2Former", "segmenter.checkpoint")) from exc
+                load_error(checkpoint, local, hub, exc, "Mask2Former", SEGMENTER_FIELD)) from exc
         log.info("loaded %s%s in %.1f s", checkpoint, f"@{revision}" if revision else "", time.perf_counter() - started)
 
         try:

@@ -1,4 +1,4 @@
-"""Where everything lives under the data root (`GEOFEAT_HOME`, any fsspec URL)."""
+"""Where everything lives under the data root (`GEOFEAT_HOME`, any fsspec URL), and how the root is found."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 import posixpath
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import fsspec
+import yaml
 
 from storage.sources import is_local, url_fs
 
@@ -16,14 +18,69 @@ ENV_HOME = "GEOFEAT_HOME"
 # read (a catalog keeps what it committed under the old name) and never written.
 LEGACY_STAGE_DIRS = {"train-experts": "train"}
 DEFAULT_HOME = "geofeat-data"  # relative to the working directory
+PROJECT_FILE = "geofeat.yaml"  # a project's config; its `home:` names the data root (relative to the file)
+
+
+class ProjectFileError(ValueError):
+    """A project config that cannot be read: the message names the file and the fix."""
+
+
+def absolute(url: str, base: str | Path | None = None) -> str:
+    """A URL as is; a local path expanded (~) and made absolute against `base` (default: the working folder)."""
+    if "://" in url:
+        return url.rstrip("/")
+    path = os.path.expanduser(url)
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(str(base), path)
+    return os.path.abspath(path).rstrip("/") or "/"
+
+
+def find_project_file(start: str | Path | None = None) -> Path | None:
+    """The nearest geofeat.yaml in `start` (default: the working folder) or a folder above it."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PROJECT_FILE).is_file():
+            return folder / PROJECT_FILE
+    return None
+
+
+def project_home(path: str | Path) -> str | None:
+    """The `home:` of a config file, absolute (relative to the file's folder); None when it names none."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProjectFileError(f"{path}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                               "fix the YAML or remove the file") from exc
+    if not isinstance(data, dict):
+        raise ProjectFileError(f"{path}: expected a mapping of keys (home:, build-feature-datasets:, ...)")
+    home = data.get("home")
+    if home is None:
+        return None
+    if not isinstance(home, str) or not home.strip():
+        raise ProjectFileError(f"{path}: `home` must be a folder or URL, not {home!r}")
+    return absolute(home, path.parent)
+
+
+def find_home(url: str | None = None, config: str | Path | None = None) -> tuple[str, str]:
+    """(data root URL, how it was found): the argument; else $GEOFEAT_HOME; else the `home:` of the
+    config file given (`--config`); else of the nearest geofeat.yaml in or above the working folder;
+    else ./geofeat-data. Nothing is created here."""
+    if url:
+        return absolute(url), "given"
+    if os.environ.get(ENV_HOME):
+        return absolute(os.environ[ENV_HOME]), f"${ENV_HOME}"
+    for path in ([Path(config)] if config else []) + [p for p in [find_project_file()] if p]:
+        home = project_home(path)
+        if home:
+            return home, f"home: in {path}"
+    return absolute(DEFAULT_HOME), (f"the default ./{DEFAULT_HOME}: no ${ENV_HOME} and no {PROJECT_FILE} "
+                                    "with a home: in this folder or above")
 
 
 def home_url(url: str | None = None) -> str:
-    """The data root URL: the argument, else $GEOFEAT_HOME, else ./geofeat-data (made absolute)."""
-    url = url or os.environ.get(ENV_HOME) or DEFAULT_HOME
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))
-    return url.rstrip("/")
+    """The data root URL (see `find_home`), made absolute."""
+    return find_home(url)[0]
 
 
 @dataclass(frozen=True)

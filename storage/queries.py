@@ -168,13 +168,26 @@ class Catalog:
 
     # ------------------------------------------------------------ features
 
-    def latest_segmenter(self, datasets: list[str] | None) -> str | None:
-        """The segmenter id (not a baseline) with the most recent train crops in `datasets` (None: any)."""
+    def latest_segmenter(self, datasets: list[str] | None, allow_untrained: bool = True) -> str | None:
+        """The segmenter id (not a baseline) with the most recent train crops in `datasets` (None: any);
+        without `allow_untrained`, never one whose crops are marked UNTRAINED."""
         row = self.con.execute(
             "SELECT segmenter FROM features WHERE split = 'train' AND segmenter <> 'whole-image' "
             "AND NOT starts_with(segmenter, 'random@') AND (? IS NULL OR dataset IN (SELECT unnest(?))) "
-            "GROUP BY segmenter ORDER BY max(created_at) DESC LIMIT 1", [datasets, datasets or []]).fetchone()
+            "GROUP BY segmenter HAVING ? OR NOT bool_or(untrained) ORDER BY max(created_at) DESC LIMIT 1",
+            [datasets, datasets or [], allow_untrained]).fetchone()
         return None if row is None else row[0]
+
+    def untrained_segmenters(self) -> list[str]:
+        """Segmenter ids whose crops are marked UNTRAINED (random-init models: their crops are noise)."""
+        return [r[0] for r in self.con.execute(
+            "SELECT DISTINCT segmenter FROM features_all WHERE untrained ORDER BY 1").fetchall()]
+
+    def segmenters_covering(self, datasets: list[str]) -> list[str]:
+        """Segmenter ids that segmented images of every one of `datasets`."""
+        return [r[0] for r in self.con.execute(
+            "SELECT segmenter FROM segmentations WHERE dataset IN (SELECT unnest(?)) GROUP BY segmenter "
+            "HAVING count(DISTINCT dataset) = ? ORDER BY 1", [datasets, len(set(datasets))]).fetchall()]
 
     def training_crops(self, key: str, group: str, datasets: list[str] | None) -> list[tuple]:
         """(feature_id, country, split, filename) of `group`'s train and val crops of segmenter value

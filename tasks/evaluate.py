@@ -44,17 +44,52 @@ TOP_K = 5
 
 
 def select_experts(root: DataRoot, spec: EvalSpec) -> pl.DataFrame:
-    """The latest registered expert per group (for one segmenter, or one training run)."""
+    """One expert per group: the pinned ones (`experts`, `experts_run`, `segmenter`), else the latest
+    of the latest segmenter whose experts may answer: one that segmented every dataset in
+    `spec.datasets`, and never an UNTRAINED expert or segmenter unless `allow_untrained` (or the
+    experts are pinned by id or run)."""
     with catalog(root, fresh=True) as cat:
         experts = cat.experts()
+        untrained_segmenters = cat.untrained_segmenters()
+        covering = cat.segmenters_covering(spec.datasets) if spec.datasets and not spec.segmenter else None
+    where = f" at {root.url}"
+    if experts.is_empty():
+        raise LookupError(f"no registered experts{where}; run train-experts first (geofeat train)")
+    if spec.experts:
+        chosen = experts.filter(pl.col("expert_id").is_in(spec.experts)).unique("expert_id", keep="first",
+                                                                               maintain_order=True)
+        unknown = sorted(set(spec.experts) - set(chosen["expert_id"]))
+        if unknown:
+            raise LookupError(f"--expert / spec.experts: no expert {unknown}{where}; see "
+                              "geofeat sql \"SELECT expert_id, segmenter, created_at FROM experts\"")
+        if chosen["group"].n_unique() < chosen.height or chosen["segmenter"].n_unique() > 1:
+            raise ValueError("--expert / spec.experts: give at most one expert per group, all of one segmenter "
+                             f"(got {dict(zip(chosen['expert_id'], chosen['group']))})")
+        return chosen
     if spec.experts_run:
         experts = experts.filter(pl.col("run_id") == spec.experts_run)
-    segmenter_id = spec.segmenter or (experts.filter(pl.col("group").is_in(GROUPS))["segmenter"].head(1).to_list() or [None])[0]
-    experts = experts.filter(pl.col("segmenter") == segmenter_id).unique("group", keep="first", maintain_order=True)
+    if spec.segmenter:
+        experts = experts.filter(pl.col("segmenter") == spec.segmenter)
     if experts.is_empty():
-        raise LookupError(f"no registered experts at {root.url}" + (f" for segmenter {segmenter_id}" if segmenter_id else "")
+        raise LookupError(f"no registered experts{where}" + (f" for segmenter {spec.segmenter}" if spec.segmenter else "")
                           + (f" in run {spec.experts_run}" if spec.experts_run else "") + "; run train-experts first")
-    return experts
+    if not (spec.allow_untrained or spec.experts_run):
+        trained = experts.filter(~pl.col("untrained") & ~pl.col("segmenter").is_in(untrained_segmenters))
+        if trained.is_empty():
+            raise LookupError(f"the registered experts{where} are all UNTRAINED (random-init start or segmenter, e.g. "
+                              f"{experts['expert_id'][0]}): demo models, not the method. Train experts from a real "
+                              "checkpoint on a real segmenter's crops, or pass --allow-untrained "
+                              "(spec.allow_untrained: true) to use them anyway")
+        experts = trained
+    if covering is not None:
+        segmenters = sorted(set(experts["segmenter"]))
+        experts = experts.filter(pl.col("segmenter").is_in(covering))
+        if experts.is_empty():
+            raise LookupError(f"no experts whose segmenter segmented {spec.datasets}{where} (experts exist for "
+                              f"{segmenters}); segment those datasets with one of them, or pin --segmenter")
+    feature = experts.filter(pl.col("group").is_in(GROUPS))
+    segmenter_id = spec.segmenter or (feature if not feature.is_empty() else experts)["segmenter"][0]
+    return experts.filter(pl.col("segmenter") == segmenter_id).unique("group", keep="first", maintain_order=True)
 
 
 # ---------------------------------------------------------------- crop probabilities
@@ -145,6 +180,11 @@ def evaluate(root: DataRoot, spec: EvalSpec) -> dict:
     vote_groups = [g for g in GROUPS if g in groups]
     countries = sorted({c for labels in experts["labels"] for c in labels})
     test = load_crops(root, segmenter_id, groups, "test", datasets)
+    unanswered = sorted(set(datasets) - set(test["dataset"].unique().to_list()))
+    if unanswered:  # no crop of any expert's kind, not even a whole image: every metric would be empty
+        raise LookupError(f"no answer for the test images of {unanswered}: segmenter {segmenter_id} cut no crop from "
+                          f"them and no whole-image expert is registered (groups {groups}); segment them with that "
+                          "segmenter, or train with baseline: true, or leave them out of spec.datasets")
     eid = eval_id(experts, spec, test)
     untrained = bool(experts["untrained"].any())
     summary = {"eval_id": eid, "segmenter": segmenter_id, "datasets": datasets, "experts": experts["expert_id"].to_list(),

@@ -70,8 +70,9 @@ def read_input(uri: str) -> bytes:
 
 
 class Predictor:
-    def __init__(self, root: DataRoot, device: str = "auto", experts_run: str | None = None):
-        self.experts = select_experts(root, EvalSpec(experts_run=experts_run))
+    def __init__(self, root: DataRoot, device: str = "auto", experts_run: str | None = None,
+                 selection: EvalSpec | None = None):
+        self.experts = select_experts(root, selection or EvalSpec(experts_run=experts_run))
         self.segmenter_id = self.experts["segmenter"][0]
         self.seg_spec, self.crop_spec = segmenter_specs(root, self.segmenter_id)
         self.device = device

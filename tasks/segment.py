@@ -82,6 +82,7 @@ class ImageRef(BaseModel):
     split: str
     country: str
     source_uri: str
+    layout: str | None = None  # the dataset's ingest layout: picks the overlay cut (SegmenterSpec.overlay_for)
 
 
 class SegmentPlan(BaseModel):
@@ -134,9 +135,9 @@ def label_groups(spec: SegmenterSpec, segmenter) -> dict[str, str]:
 # ---------------------------------------------------------------- reading (DataLoader workers)
 
 
-def overlay_rows(height: int, spec: SegmenterSpec, dataset: str) -> tuple[int, int]:
-    """(top, kept height) in px after cutting the dataset's overlay bands (GeoGuessr UI)."""
-    cut = spec.overlay.get(dataset)
+def overlay_rows(height: int, spec: SegmenterSpec, dataset: str, layout: str | None = None) -> tuple[int, int]:
+    """(top, kept height) in px after cutting the dataset's (or its layout's) overlay bands (GeoGuessr UI)."""
+    cut = spec.overlay_for(dataset, layout)
     if cut is None:
         return 0, height
     top, bottom = int(round(height * cut.top)), int(round(height * cut.bottom))
@@ -158,7 +159,7 @@ class ShardImages(Dataset):
         ref = self.refs[i]
         try:
             img = load_rgb(sources.read_bytes(ref.source_uri))
-            top, kept = overlay_rows(img.height, self.spec, ref.dataset)
+            top, kept = overlay_rows(img.height, self.spec, ref.dataset, ref.layout)
             if min(img.width, kept) < MIN_SIDE or max(img.width / max(kept, 1), kept / img.width) > MAX_ASPECT:
                 raise BadInput("unsegmentable", f"{img.width}x{img.height} px, {kept} px tall after the overlay cut")
             img = img.crop((0, top, img.width, top + kept))
@@ -277,11 +278,23 @@ def feature_id(segmenter_id: str, dataset: str, image_id: str, label: str, rank:
 # ---------------------------------------------------------------- plan and run
 
 
+def dataset_layout(root: DataRoot, dataset: str) -> str | None:
+    """The layout a dataset was ingested with (its ingest completion records), for the overlay cut;
+    None when it has none or several (then only the dataset's own `overlay` key applies)."""
+    layouts = {r.params.get("layout") for r in read_commits(root, "ingest") if r.dataset == dataset}
+    if len(layouts) > 1:
+        log.warning("dataset %s was ingested with several layouts %s: only an overlay keyed by its name applies",
+                    dataset, sorted(map(str, layouts)))
+    return layouts.pop() if len(layouts) == 1 else None
+
+
 def plan_segment(root: DataRoot, dataset: str, segmenter_id: str, shard_size: int) -> list[SegmentPlan]:
     """Images of `dataset` this segmenter version has not segmented yet, in shards."""
     with catalog(root, fresh=True) as cat:
         rows = cat.unsegmented_images(dataset, segmenter_id)
-    refs = [ImageRef(image_id=r[0], dataset=r[1], split=r[2], country=r[3], source_uri=r[4]) for r in rows]
+    layout = dataset_layout(root, dataset) if rows else None
+    refs = [ImageRef(image_id=r[0], dataset=r[1], split=r[2], country=r[3], source_uri=r[4], layout=layout)
+            for r in rows]
     plans = []
     for k in range(0, len(refs), shard_size):
         chunk = refs[k:k + shard_size]

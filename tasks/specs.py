@@ -19,7 +19,9 @@ from models.labels import GROUPS
 from tasks.validate import MAX_PIXELS
 
 Layout = Literal["g50", "g3", "im2gps", "osv5m"]
+LAYOUTS: tuple[str, ...] = ("g50", "g3", "im2gps", "osv5m")
 DATASET_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # what torch.device accepts, plus `auto`
 DEMO_COUNTRIES = 8  # country styles the demo world can draw (tasks/demo_world/styles.py)
 
 
@@ -45,6 +47,12 @@ class Spec(BaseModel):
             if out.get(name) == type(self).model_fields[name].default:
                 out.pop(name, None)
         return out
+
+
+# A config file's relative paths resolve against the file's folder (flows/deployments.py), for the
+# fields marked with one of these (json_schema_extra), so a run means the same in-process and on a worker.
+PATH = {"path": "always"}  # a folder or file: relative -> <config folder>/<value>
+CHECKPOINT = {"path": "checkpoint"}  # a hub id or a directory: a directory if it starts with ./ ../ ~ / or exists
 
 
 def loader_workers(requested: int | None, device_type: str, cpu_default: int) -> int:
@@ -81,8 +89,10 @@ class SourceSpec(Spec):
     """One dataset to ingest."""
 
     layout: Layout = Field(description="how the source is laid out: g50 | g3 | im2gps | osv5m")
-    source: str = Field(description="URL: a folder (g50, g3) or a CSV (g3 manifest, im2gps, osv5m)")
-    images: str | None = Field(None, description="image folder for CSV layouts; default: next to the CSV")
+    source: str = Field(description="URL: a folder (g50, g3) or a CSV (g3 manifest, im2gps, osv5m)",
+                        json_schema_extra=PATH)
+    images: str | None = Field(None, description="image folder for CSV layouts; default: next to the CSV",
+                               json_schema_extra=PATH)
     dataset: str = Field(pattern=DATASET_NAME, description="catalog name of the dataset, e.g. g50 "
                          "(lower-case letters, digits, _ and -; at most 64)")
     split: SplitConfig | None = Field(None, description="default: hash 80/10/10; im2gps: all test")
@@ -120,7 +130,7 @@ class DemoSpec(Spec):
     width: int = Field(384, ge=64, description="px; G50 frames are 1536x662, same aspect")
     height: int = Field(166, ge=32, description="px")
     messy: bool = Field(True, description="include a few bad inputs, to show the quarantine at work")
-    out: str | None = Field(None, description="where to write it; default <data root>/demo-world")
+    out: str | None = Field(None, description="where to write it; default <data root>/demo-world", json_schema_extra=PATH)
 
     def sources(self, world: str) -> list[SourceSpec]:
         """The demo world's two datasets: a G50-layout pool and an IM2GPS-style held-out set."""
@@ -149,9 +159,11 @@ DEFAULT_CHECKPOINT = "facebook/mask2former-swin-large-mapillary-vistas-panoptic"
 class AnnotationSource(Spec):
     """COCO-panoptic ground truth: a JSON (images, annotations, categories) and its PNG folder."""
 
-    panoptic_json: str = Field(description="URL of the COCO-panoptic JSON")
-    png_dir: str = Field(description="folder of the panoptic PNGs (annotation file_name is relative to it)")
-    images_root: str = Field(description="folder the JSON's image file_name values are relative to")
+    panoptic_json: str = Field(description="URL of the COCO-panoptic JSON", json_schema_extra=PATH)
+    png_dir: str = Field(description="folder of the panoptic PNGs (annotation file_name is relative to it)",
+                         json_schema_extra=PATH)
+    images_root: str = Field(description="folder the JSON's image file_name values are relative to",
+                             json_schema_extra=PATH)
 
 
 class OverlayCut(Spec):
@@ -174,7 +186,8 @@ class SegmenterSpec(Spec):
     kind: Literal["mask2former", "annotations", "tiny-random"] = Field(
         "mask2former", description="annotations: ground-truth panoptic masks; mask2former: a checkpoint; "
         "tiny-random: an UNTRAINED random-init Mask2Former for tests and demos")
-    checkpoint: str = Field(DEFAULT_CHECKPOINT, description="hub id or local directory (kind=mask2former)")
+    checkpoint: str = Field(DEFAULT_CHECKPOINT, description="hub id or local directory (kind=mask2former)",
+                            json_schema_extra=CHECKPOINT)
     revision: str | None = Field(None, description="hub revision (commit, tag) pinned into the segmenter id")
     label_set: str | None = Field(None, description="label->group map; default: from the checkpoint name")
     mode: Literal["panoptic", "instance"] = Field(
@@ -186,10 +199,24 @@ class SegmenterSpec(Spec):
     overlap_threshold: float = Field(0.8, ge=0, le=1, description="panoptic: drop a segment keeping less than "
                                      "this fraction of its own mask after stronger segments")
     overlay: dict[str, OverlayCut] = Field(
-        default_factory=dict, description="dataset name -> bands to cut first (G50: {top: 0.12, bottom: 0.45})")
+        default_factory=dict, description="layout (every dataset ingested with it) or dataset name -> bands to cut "
+        "first; a dataset's own key wins (GeoGuessr frames: {g50: {top: 0.12, bottom: 0.45}})")
     annotations: dict[str, AnnotationSource] = Field(
         default_factory=dict, description="kind=annotations: dataset name -> its panoptic ground truth")
     seed: int = Field(0, description="kind=tiny-random: init seed")
+
+    def overlay_for(self, dataset: str, layout: str | None = None) -> OverlayCut | None:
+        """The bands cut from a dataset's images: its own `overlay` key, else its layout's (so a G50
+        copy ingested under any name gets the GeoGuessr cut), else none."""
+        return self.overlay.get(dataset) or (self.overlay.get(layout) if layout else None)
+
+    def identity(self) -> dict[str, Any]:
+        # `overlay` keys once named datasets only; since they may name a layout, the same spec can cut
+        # other images than before, so a spec that sets an overlay gets a new id (specs without one keep theirs).
+        out = super().identity()
+        if self.overlay:
+            out["overlay_keys"] = "layout-or-dataset"
+        return out
 
 
 class CropSpec(Spec):
@@ -213,7 +240,7 @@ class RunOptions(Spec):
     RUN_ONLY: ClassVar[frozenset[str]] = frozenset(
         {"device", "batch_size", "num_workers", "shard_size", "concurrent_shards", "encode_threads"})
 
-    device: str = Field("auto", description="auto | cuda | mps | cpu")
+    device: str = Field("auto", pattern=DEVICE, description="auto | cuda | cuda:N | mps | cpu")
     batch_size: int = Field(8, ge=1, description="images per forward; halved on CUDA OOM")
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader processes decoding ahead of the model; default: 0 on CPU "
@@ -237,14 +264,18 @@ class TrainSpec(Spec):
     """Flow `train-experts`: which experts, on which crops, and how. Everything except the RUN_ONLY
     knobs is hashed into the run id, so a change trains new experts."""
 
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "num_workers", "baseline_shard_size"})
-    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"grad_clip"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "num_workers", "baseline_shard_size",
+                                                    "allow_untrained"})
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"grad_clip", "min_countries"})
 
     checkpoint: str = Field(EXPERT_CHECKPOINT, description="hub id or local directory to fine-tune from "
-                            "(ViT), or `tiny-random` for an UNTRAINED tiny ViT (tests, demo)")
+                            "(ViT), or `tiny-random` for an UNTRAINED tiny ViT (tests, demo)",
+                            json_schema_extra=CHECKPOINT)
     tiny_image_size: int = Field(32, ge=8, description="px; input size of the tiny-random ViT")
     segmenter: str | None = Field(None, description="segmenter id whose crops to train on; default: the "
-                                  "latest segmenter with train crops")
+                                  "latest segmenter with train crops that is not UNTRAINED")
+    allow_untrained: bool = Field(False, description="let the default segmenter be an UNTRAINED one (its crops "
+                                  "are noise): for demos and tests only")
     datasets: list[str] | None = Field(None, description="training datasets; default: every dataset with train crops")
     groups: list[str] = Field(list(GROUPS), description="one expert per feature group")
     baseline: bool = Field(True, description="also train the whole-image baseline (pseudo-group `image`)")
@@ -254,6 +285,8 @@ class TrainSpec(Spec):
                                      "task (raise it for millions of images: fewer tasks and files)")
     min_crops_per_country: int = Field(10, ge=1, description="countries with fewer train crops are left out "
                                        "of that expert's head, and reported")
+    min_countries: int = Field(2, ge=2, description="a group with fewer countries left (or no val crops) is "
+                               "refused, not trained: its expert would learn nothing")
     balance: Literal["none", "sqrt", "inverse"] = Field(
         "sqrt", description="class-balanced sampling: repeat factor ~ count^-1/2 (sqrt) or count^-1 (inverse)")
     epochs: int = Field(3, ge=1, description="passes over the train crops")
@@ -271,7 +304,7 @@ class TrainSpec(Spec):
     patience: int = Field(3, ge=1, description="early stopping: evaluations without a better val accuracy")
     shuffle_buffer: int = Field(1024, ge=1, description="crops per loader worker shuffled together")
     seed: int = Field(0, description="data order, augmentation and init of new heads")
-    device: str = Field("auto", description="auto | cuda | mps | cpu")
+    device: str = Field("auto", pattern=DEVICE, description="auto | cuda | cuda:N | mps | cpu")
     num_workers: int | None = Field(None, ge=0, description="loader processes decoding crops (train and val); "
                                     "default: 1 on CPU, min(8, cores - 1) with a GPU")
 
@@ -292,19 +325,25 @@ class TrainSpec(Spec):
 class EvalSpec(Spec):
     """Flow `evaluate`: which experts, on which test sets, and how."""
 
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "benchmarks", "num_workers"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "benchmarks", "num_workers",
+                                                    "allow_untrained"})
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"experts"})
 
     datasets: list[str] | None = Field(None, description="datasets whose test split to evaluate; default: all")
     segmenter: str | None = Field(None, description="segmenter id; default: the segmenter of the latest "
-                                  "registered experts")
+                                  "registered experts that segmented every evaluated dataset")
     experts_run: str | None = Field(None, description="a `run_id` of the experts view; default: the latest "
                                     "expert per group for the segmenter")
+    experts: list[str] | None = Field(None, description="`expert_id`s to use (one per group); default: the latest "
+                                      "expert per group for the segmenter")
+    allow_untrained: bool = Field(False, description="let the default experts be UNTRAINED ones (random-init start "
+                                  "or segmenter): for demos and tests only")
     benchmarks: list[str] = Field(["im2gps", "im2gps3k", "demo-im2gps"],
                                   description="datasets reported in the Table-2 (held-out benchmark) shape")
     batch_size: int = Field(64, ge=1, description="crops per expert forward")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: int = Field(0, description="bootstrap resampling seed")
-    device: str = Field("auto", description="auto | cuda | mps | cpu")
+    device: str = Field("auto", pattern=DEVICE, description="auto | cuda | cuda:N | mps | cpu")
     num_workers: int | None = Field(None, ge=0, description="loader processes decoding test crops; default: "
                                     "0 on CPU, min(8, cores - 1) with a GPU")
 

@@ -73,13 +73,19 @@ class Selection:
                 "dropped_countries": self.dropped}
 
 
-def default_segmenter(root: DataRoot, datasets: list[str] | None) -> str:
-    """The segmenter id (not a baseline) with the most recent train crops."""
+def default_segmenter(root: DataRoot, datasets: list[str] | None, allow_untrained: bool = False) -> str:
+    """The segmenter id (not a baseline) with the most recent train crops; an UNTRAINED one only
+    when allowed (its crops are noise: experts trained on them learn nothing)."""
     with catalog(root, fresh=True) as cat:
-        found = cat.latest_segmenter(datasets)
+        found = cat.latest_segmenter(datasets, allow_untrained)
+        untrained = None if found or allow_untrained else cat.latest_segmenter(datasets, True)
+    where = f" in the catalog at {root.url}" + (f" for datasets {datasets}" if datasets else "")
+    if untrained:
+        raise LookupError(f"the only segmenter with train crops{where} is UNTRAINED ({untrained}): its crops are "
+                          "noise. Segment with a real checkpoint (geofeat segment --segmenter-checkpoint DIR), or "
+                          "pass --allow-untrained (spec.allow_untrained: true) for a demo")
     if found is None:
-        raise LookupError(f"no train crops in the catalog at {root.url}"
-                          + (f" for datasets {datasets}" if datasets else "") + "; run build-feature-datasets first")
+        raise LookupError(f"no train crops{where}; run build-feature-datasets first")
     return found
 
 
@@ -322,13 +328,45 @@ def register(root: DataRoot, spec: TrainSpec, segmenter_id: str, trainer: Traine
     row = {"expert_id": eid, "run_id": run_id(spec, segmenter_id), "group": sel.group, "segmenter": segmenter_id,
            "uri": uri, "base_checkpoint": spec.checkpoint, "labels": sel.labels, "snapshot": sel.snapshot,
            "train_crops": sel.train_crops, "val_crops": sel.val_crops, "steps": trainer.state["step"],
-           "val_accuracy": trainer.state["best"], "untrained": spec.checkpoint == TINY or trainer.expert.untrained,
+           "val_accuracy": trainer.state["best"],
+           "untrained": spec.checkpoint == TINY or trainer.expert.untrained or started_untrained(spec.checkpoint),
            "metrics": json.dumps(metrics, default=str), "config": json.dumps(spec.resolved(), default=str),
            "created_at": datetime.now(timezone.utc)}
     commit_shard(root, STAGE, "experts", eid, [Output("experts", {"group": sel.group}, to_table([row], EXPERTS))],
                  params={"segmenter": segmenter_id, "spec": spec.resolved()})
     publish.remove_folder(trainer.last_dir)  # the registered best/ is what stays
     return uri
+
+
+def too_small(sel: Selection, spec: TrainSpec) -> str | None:
+    """Why a selection is too small to train an expert on (None: it is not): it needs val crops (to pick
+    the best step and stop early) and `min_countries` countries with enough train crops."""
+    problems = []
+    if len(sel.labels) < spec.min_countries:
+        problems.append(f"{len(sel.labels)} countries with >= {spec.min_crops_per_country} train crops "
+                        f"(need {spec.min_countries})")
+    if sel.val_crops == 0:
+        problems.append("no val crops of those countries")
+    if not problems:
+        return None
+    total = sel.train_crops + sum(sel.dropped.values())
+    return (f"{' and '.join(problems)} ({total} train crops in {len(sel.labels) + len(sel.dropped)} countries of "
+            f"segmenter value {sel.key}); segment more images, or lower spec.min_crops_per_country")
+
+
+def require_experts(results: list[dict], segmenter_id: str) -> None:
+    """A train-experts run that refused every feature group (or every group) fails, saying why per group."""
+    feature = [r for r in results if r["group"] not in ("image", "random")]
+    made = [r for r in (feature or results) if not r.get("skipped")]
+    if not made:
+        why = "; ".join(f"{r['group']}: {r['skipped']}" for r in (feature or results))
+        raise LookupError(f"no expert trained on segmenter {segmenter_id}: every group's selection is too small "
+                          f"({why})")
+
+
+def started_untrained(checkpoint: str) -> bool:
+    """Does a local checkpoint directory say it is random-init (a geofeat-saved tiny model)?"""
+    return bool(os.path.isdir(checkpoint) and Expert.read_sidecar(checkpoint).get("untrained"))
 
 
 def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter_id: str, *,
@@ -345,9 +383,10 @@ def train_expert(root: DataRoot, spec: TrainSpec, group: str, segmenter_id: str,
     if sel.dropped:
         log.warning("%s: %d countries below %d train crops are left out: %s", group, len(sel.dropped),
                     spec.min_crops_per_country, sel.dropped)
-    if len(sel.labels) < 2:
-        log.warning("%s: %d countries with enough crops; no expert trained", group, len(sel.labels))
-        return {**summary, "skipped": f"{len(sel.labels)} countries with >= {spec.min_crops_per_country} train crops"}
+    refusal = too_small(sel, spec)
+    if refusal:
+        log.warning("%s: not trained: %s", group, refusal)
+        return {**summary, "skipped": refusal}
 
     trainer = Trainer(root, spec, sel, eid)
     resumed = trainer.resume()

@@ -7,6 +7,7 @@ import tempfile
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="geofeat-tests-")
 os.environ["GEOFEAT_HOME"] = os.path.join(_SESSION_DIR, "home")
+os.environ["GEOFEAT_STATE_DIR"] = os.path.join(_SESSION_DIR, "state")  # `geofeat up` notes its root here, not in ~
 os.environ.pop("PREFECT_API_URL", None)  # never talk to a user's server from tests
 
 from flows import env as prefect_env  # noqa: E402

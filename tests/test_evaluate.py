@@ -20,7 +20,7 @@ from tasks.evaluate import _evaluate_dataset
 @pytest.fixture(scope="module")
 def evaluated(trained_demo):
     root, _ = trained_demo
-    return root, evaluate(EvalSpec(bootstrap=200), home=root.url)
+    return root, evaluate(EvalSpec(bootstrap=200, allow_untrained=True), home=root.url)
 
 
 def test_every_test_image_gets_one_prediction_per_method(evaluated):
@@ -61,7 +61,7 @@ def test_report_has_both_tables_and_figures(evaluated):
     assert "Table 1" in text and "Table 2" in text and "DEMO MODELS" in text and "0.5393" in text
     for name in ("confusion_demo.png", "per_country_demo-im2gps.png"):
         assert root.fs.cat_file(root.path("reports", result["eval_id"], name))[:8] == b"\x89PNG\r\n\x1a\n"
-    assert evaluate(EvalSpec(bootstrap=200), home=root.url)["cached"]  # same experts, same crops
+    assert evaluate(EvalSpec(bootstrap=200, allow_untrained=True), home=root.url)["cached"]  # same experts, same crops
 
 
 def test_images_without_crops_fall_back_to_the_whole_image_expert():
@@ -89,11 +89,12 @@ def test_predict_prints_countries_and_the_crops_that_voted(evaluated, monkeypatc
     root, _ = evaluated
     monkeypatch.setenv("GEOFEAT_HOME", root.url)
     image = connect(root).sql("SELECT source_uri FROM images WHERE split = 'test' ORDER BY 1 LIMIT 1").fetchall()[0][0]
-    res = CliRunner().invoke(app, ["predict", image, "--top-k", "2", "--json"])
+    assert CliRunner().invoke(app, ["predict", image]).exit_code == 1  # tiny random-init experts: only when asked
+    res = CliRunner().invoke(app, ["predict", image, "--top-k", "2", "--json", "--allow-untrained"])
     assert res.exit_code == 0, res.output
     (out,) = json.loads(res.stdout)
     assert len(out["top_k"]) == 2 and out["top_k"][0]["probability"] >= out["top_k"][1]["probability"]
     assert out["crops"] and {c["group"] for c in out["crops"]} <= {"ground", "furniture"}
     assert all({"label", "group", "top_country", "confidence"} <= set(c) for c in out["crops"])
-    text = CliRunner().invoke(app, ["predict", image, "/no/such/image.jpg"])
+    text = CliRunner().invoke(app, ["predict", image, "/no/such/image.jpg", "--allow-untrained"])
     assert text.exit_code == 1 and "crops that voted" in text.stdout and "no such file" in text.stdout

@@ -126,7 +126,7 @@ def test_missing_hub_checkpoint_fails_fast_and_clearly(offline):
         Expert.from_pretrained(checkpoint, device="cpu")
     assert time.perf_counter() - started < 5.0
     message = str(info.value)
-    assert checkpoint in message and "hf download" in message and "experts.checkpoint" in message
+    assert checkpoint in message and "hf download" in message and "--experts-checkpoint" in message
 
 
 def test_missing_local_dir_fails(offline, tmp_path):
