@@ -49,7 +49,7 @@ def test_relative_paths_resolve_against_the_file_not_the_working_folder(project)
                             "train-experts")
     assert hub["spec"]["checkpoint"] == "google/vit-base-patch16-224-in21k"  # a hub id stays one
     # prefect.yaml's relative paths mean the project folder, where `geofeat up`'s worker runs them
-    sources = deployment_parameters("build-feature-datasets", "default")["sources"]
+    sources = deployment_parameters("build-feature-datasets", "g50-im2gps")["sources"]
     assert sources[0]["source"] == str(PROJECT_DIR / "datasets" / "g50")
     assert validate_parameters("build-feature-datasets", {"sources": sources})["sources"][0].dataset == "g50"
 
