@@ -123,8 +123,10 @@ def _resize(arr: np.ndarray, box: tuple[float, float, float, float], size: int) 
 
 
 @functools.lru_cache(maxsize=32)
-def _constants(mean: tuple, std: tuple, luma: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in (mean, std, luma))
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """[1, 3, 1, 1] mean, std, 1 / (255 std), mean / std and the luma weights [3], on the device (once)."""
+    m, s = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+    return tuple(t.to(device) for t in (m, s, 1 / (255 * s), m / s, torch.tensor(LUMA, dtype=torch.float32)))
 
 
 def augment(x: torch.Tensor, factors: torch.Tensor | None, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -135,15 +137,16 @@ def augment(x: torch.Tensor, factors: torch.Tensor | None, mean: Sequence[float]
     sample's mean luma after the brightness step."""
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"augment: expected uint8 [B, S, S, 3] from Transforms.pixels, got {x.dtype} {tuple(x.shape)}")
-    m, s, luma = _constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), LUMA, x.device)
-    y = x.to(torch.float32).div_(255.0)
-    if factors is not None:
-        f = factors.to(device=y.device, dtype=torch.float32).view(-1, 2, 1, 1, 1)
-        y.mul_(f[:, 0])
-        grey = (y @ luma).mean(dim=(1, 2)).view(-1, 1, 1, 1)
-        y.sub_(grey).mul_(f[:, 1]).add_(grey).clamp_(0.0, 1.0)
-    y.sub_(m).div_(s)
-    return y.permute(0, 3, 1, 2).contiguous()
+    m, s, scale, shift, luma = _constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    b, h, w, _ = x.shape
+    y = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # one pass: cast + CHW
+    if factors is None:
+        return y.mul_(scale).sub_(shift)
+    f = factors.to(device=y.device, dtype=torch.float32)
+    y.mul_((f[:, 0] / 255.0).view(b, 1, 1, 1))
+    grey = torch.einsum("bchw,c->b", y, luma).div_(h * w).view(b, 1, 1, 1)
+    y.sub_(grey).mul_(f[:, 1].view(b, 1, 1, 1)).add_(grey).clamp_(0.0, 1.0)
+    return y.sub_(m).div_(s)
 
 
 @dataclass(frozen=True)
