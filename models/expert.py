@@ -382,6 +382,8 @@ class Expert:
     def pixel_values(self, x: torch.Tensor, factors: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [B, S, S, 3] from `Transforms.pixels` (+ jitter factors) -> normalised float32 [B, 3, S, S] on
         this expert's device: the copy moves uint8 (4x fewer bytes than float32), the maths runs there."""
+        if factors is not None:
+            factors = factors.to(self.device, non_blocking=True)
         return augment(x.to(self.device, non_blocking=True), factors, self.mean, self.std)
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
