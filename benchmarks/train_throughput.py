@@ -1,7 +1,7 @@
 """Expert training and evaluation throughput: the crop loader against the model, side by side in one run.
 
     .venv/bin/python benchmarks/train_throughput.py [--home DIR] [--crops 20000] [--photos DIR]
-        [--size 224] [--per-core-crops 3000] [--model vit-tiny|vit-b16] [--image-size 96] [--layers 4]
+        [--group all|ground|...] [--size 224] [--per-core-crops 3000] [--model vit-tiny|vit-b16] [--image-size 96] [--layers 4]
         [--hidden 192] [--batch-size 32] [--steps 30] [--repeats 3] [--workers 0,1,2] [--device auto]
         [--eval-crops 2000] [--eval-batch-size 64] [--gpu-extra]
 
@@ -95,7 +95,8 @@ def _frames(args, rng: np.random.Generator) -> tuple[list[Image.Image], list[tup
         rgb, _, info = render_scene(COUNTRIES[k % len(COUNTRIES)], np.random.default_rng(k), *FRAME)
         by_label: dict[int, list] = {}
         for s in info:
-            if groups.get(s["category_id"], "drop") != "drop" and s["area"] >= spec.min_area:
+            group = groups.get(s["category_id"], "drop")
+            if group != "drop" and args.group in ("all", group) and s["area"] >= spec.min_area:
                 by_label.setdefault(s["category_id"], []).append(s)
         for segs in by_label.values():
             for s in sorted(segs, key=lambda s: -s["area"])[: spec.max_per_label]:
@@ -118,7 +119,8 @@ def _frames(args, rng: np.random.Generator) -> tuple[list[Image.Image], list[tup
 def crop_set(args) -> tuple[str, list[tuple[str, list[str], list[int]]], dict]:
     """(home, units, description): reused from --home (or the default cache folder) when it holds a crop set
     built with the same parameters, else built there."""
-    key = hashlib.sha256(json.dumps([CROP_SET_VERSION, args.crops, args.scenes, args.photos]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([CROP_SET_VERSION, args.crops, args.scenes, args.photos] + (
+        [args.group] if args.group != "all" else [])).encode()).hexdigest()[:10]
     home = args.home or os.path.join(tempfile.gettempdir(), f"geofeat-trainbench-{key}")
     manifest = Path(home, "manifest.json")
     if manifest.exists():
@@ -416,6 +418,8 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=20_000, help="crops in the set (>= 20k: the steady state)")
     ap.add_argument("--scenes", type=int, default=48, help="demo scenes whose segments give the crop sizes")
     ap.add_argument("--photos", help="a folder of real .jpg photos to cut the crops from, instead of synthetic frames")
+    ap.add_argument("--group", default="all", choices=["all", "ground", "structure", "vegetation", "vehicle", "furniture"],
+                    help="crop sizes of one feature group only (ground: the widest crops, the slowest to decode)")
     ap.add_argument("--size", type=int, default=224, help="px; training size of the per-core loader figures")
     ap.add_argument("--per-core-crops", type=int, default=3000, help="crops per per-core measurement")
     ap.add_argument("--model", choices=sorted(MODELS), default="vit-tiny")
@@ -450,7 +454,7 @@ def main() -> None:
           f"{info['crops']} crops in {info['files']} Parquet files; long side p10/p50/p90 "
           f"{'/'.join(map(str, info['long_side_p10_50_90']))} px, short side p50 {info['short_side_p50']} px, "
           f"{info['mean_kpx']:.0f} kpx and {info['kb_per_crop']:.1f} kB per crop ({info['bytes_per_px']:.2f} B/px, "
-          f"JPEG q90); textures: {info['textures']}")
+          f"JPEG q90); textures: {info['textures']}; sizes: {'all groups' if args.group == 'all' else args.group + ' crops'}")
 
     # -------------------------------------------------------- 2 + 3: the loader alone, per worker core
     tf = Transforms(size=args.size, train=True, seed=0)
