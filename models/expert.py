@@ -2,8 +2,13 @@
 
 Pieces:
 
-* `Transforms` - picklable RGB PIL -> float32 [3, S, S] (normalised); runs in DataLoader workers. Train mode
-  draws its randomness from a numpy Generator seeded by (seed, index), so an epoch is reproducible.
+* `Transforms` - picklable; `pixels` runs in DataLoader workers: encoded crop bytes (or a PIL image) -> uint8
+  [S, S, 3] at the training size plus the sample's colour-jitter factors. Decoding reads only the header
+  first, then decodes at a reduced DCT scale when the crop box is >= 2x the training size (simplejpeg when
+  installed, else PIL: the same pixels). Train mode draws its randomness from a numpy Generator seeded by
+  (seed, key), so a sample's augmentation depends on nothing else (not the worker count or order).
+* `augment` - the per-batch half, run on the model's device: uint8 -> float, colour jitter with each
+  sample's factors, normalisation. `Transforms(img)` = `pixels` + `augment` of one sample (the reference).
 * `Expert` - a ViTForImageClassification on one device with its labels and preprocessing constants:
   `from_pretrained` (hub id or local dir, safetensors only, fails fast offline), `tiny_random` (tests/demos),
   `logits` / `predict_proba` (inference), `save` (weights + preprocessor_config.json + a provenance sidecar).
@@ -11,6 +16,8 @@ Pieces:
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import math
@@ -24,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models.hub import EXPERT_FIELD, load_error, processor_mean_std, resolve_checkpoint
@@ -32,13 +40,15 @@ from models.segmenter import resolve_device as _resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHECKPOINT", "Expert", "ExpertUnavailable", "SIDECAR", "Transforms", "resolve_device"]
+__all__ = ["DEFAULT_CHECKPOINT", "Expert", "ExpertUnavailable", "SIDECAR", "Transforms", "augment", "resolve_device"]
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
 SIDECAR = "geofeat_expert.json"  # written by `save`: untrained flag, labels, provenance
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # ViT (in21k) normalisation; used when a checkpoint has no processor config
 DEFAULT_STD = (0.5, 0.5, 0.5)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, the contrast jitter's reference level
 _warned_untrained: set[str] = set()
+_SIMPLEJPEG: Any = None  # the simplejpeg module once looked up; False where it is not installed
 
 
 class ExpertUnavailable(RuntimeError):
@@ -56,14 +66,99 @@ def resolve_device(requested: str | torch.device = "auto") -> torch.device:
 # ---------------------------------------------------------------- transforms
 
 
+def _simplejpeg():
+    """simplejpeg (libjpeg-turbo) when installed, else None: an optional fast path, imported lazily (the GPU
+    image lacks it). It decodes the same pixels as PIL, 1.4-1.7x faster."""
+    global _SIMPLEJPEG
+    if _SIMPLEJPEG is None:
+        try:
+            import simplejpeg
+        except ImportError:
+            simplejpeg = False
+        _SIMPLEJPEG = simplejpeg
+    return _SIMPLEJPEG or None
+
+
+class _Encoded:
+    """Encoded image bytes: the size from the header alone, then `decode(k)` -> uint8 RGB [H', W', 3] at 1/k
+    of the size (JPEG DCT scaling; other formats decode whole). simplejpeg and PIL give identical pixels."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pil = data, None
+        sj = _simplejpeg()
+        if sj is not None and data[:2] == b"\xff\xd8":
+            try:
+                height, width, colorspace, _ = sj.decode_jpeg_header(data)
+            except ValueError:  # a JPEG simplejpeg cannot parse: PIL's turn
+                colorspace = None
+            if colorspace in ("YCbCr", "Gray"):  # CMYK/YCCK: PIL converts them (simplejpeg differs)
+                self.height, self.width = height, width
+                return
+        self.pil = Image.open(io.BytesIO(data))
+        self.width, self.height = self.pil.size
+
+    def decode(self, k: int) -> np.ndarray:
+        if self.pil is None:
+            try:
+                return _simplejpeg().decode_jpeg(self.data, colorspace="RGB", min_height=-(-self.height // k),
+                                                 min_width=-(-self.width // k))
+            except ValueError:  # a corrupt scan: PIL decodes what it can, or says what is wrong
+                self.pil = Image.open(io.BytesIO(self.data))
+        if k > 1:
+            self.pil.draft("RGB", (self.width // k, self.height // k))  # JPEG: exactly 1/k (no-op otherwise)
+        return np.array(self.pil.convert("RGB"))
+
+
+def _resize(arr: np.ndarray, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """The box of an RGB uint8 [H, W, 3] array (box in its pixels) -> uint8 [size, size, 3], antialiased
+    bilinear (torch's uint8 channels-last kernel: 2-3x PIL's resize with the same filter)."""
+    h, w = arr.shape[:2]
+    x0, y0 = min(max(round(box[0]), 0), w - 1), min(max(round(box[1]), 0), h - 1)
+    x1, y1 = max(x0 + 1, min(round(box[2]), w)), max(y0 + 1, min(round(box[3]), h))
+    x = torch.from_numpy(arr[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if (y1 - y0, x1 - x0) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """[1, 3, 1, 1] mean, std, 1 / (255 std), mean / std and the luma weights [3], on the device (once)."""
+    m, s = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+    return tuple(t.to(device) for t in (m, s, 1 / (255 * s), m / s, torch.tensor(LUMA, dtype=torch.float32)))
+
+
+def augment(x: torch.Tensor, factors: torch.Tensor | None, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The per-batch half of the transforms, on whatever device `x` is on (the model's: vectorised over the
+    batch, nothing per sample in Python): uint8 [B, S, S, 3] -> float32 [B, 3, S, S] =
+    ((x / 255) jittered - mean) / std. Jitter, with each sample's (brightness, contrast) `factors` [B, 2]
+    (None: eval, no jitter): x * brightness, then clip((x - grey) * contrast + grey, 0, 1), grey being the
+    sample's mean luma after the brightness step."""
+    if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"augment: expected uint8 [B, S, S, 3] from Transforms.pixels, got {x.dtype} {tuple(x.shape)}")
+    m, s, scale, shift, luma = _constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    b, h, w, _ = x.shape
+    y = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # one pass: cast + CHW
+    if factors is None:
+        return y.mul_(scale).sub_(shift)
+    f = factors.to(device=y.device, dtype=torch.float32)
+    y.mul_((f[:, 0] / 255.0).view(b, 1, 1, 1))
+    grey = torch.einsum("bchw,c->b", y, luma).div_(h * w).view(b, 1, 1, 1)
+    y.sub_(grey).mul_(f[:, 1].view(b, 1, 1, 1)).add_(grey).clamp_(0.0, 1.0)
+    return y.sub_(m).div_(s)
+
+
 @dataclass(frozen=True)
 class Transforms:
-    """RGB PIL image -> float32 [3, size, size], (x / 255 - mean) / std.
+    """Crop -> model input, in two halves: `pixels` (DataLoader workers: decode + resized crop, uint8) and
+    `augment` (the model's device, per batch: jitter + normalisation). Calling it does both for one image:
+    RGB PIL -> float32 [3, size, size], (x / 255 - mean) / std.
 
     eval: resize the shorter side to `size`, then centre crop (done as one resample of the centred square).
     train: random resized crop (area 0.6-1.0 of the image, aspect ratio 3/4-4/3) + mild colour jitter
-    (brightness and contrast factors in [0.8, 1.2]). Randomness comes from np.random.default_rng((seed, index)):
-    the same (seed, index) gives the same tensor. Pass the dataset index (and e.g. seed = base_seed + epoch).
+    (brightness and contrast factors in [0.8, 1.2]). Randomness comes from np.random.default_rng((seed, *key)):
+    the same (seed, key) gives the same pixels and factors. The crop stream's key is (epoch, crop, copy).
 
     NO horizontal flip, on purpose: mirroring swaps left- and right-hand traffic (and mirrors text on signs),
     which are country cues the experts must learn."""
@@ -77,6 +172,7 @@ class Transforms:
     SCALE = (0.6, 1.0)
     RATIO = (3 / 4, 4 / 3)
     JITTER = 0.2
+    DCT_SCALES = (8, 4, 2)  # JPEG decodes at 1/k when the crop box is >= k x size on both sides
 
     def __post_init__(self) -> None:
         if int(self.size) <= 0:
@@ -84,26 +180,39 @@ class Transforms:
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"Transforms: mean/std must be 3 values (std > 0), got {self.mean} / {self.std}")
 
-    def __call__(self, img: Image.Image, index: int = 0) -> torch.Tensor:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+    def draw(self, width: int, height: int, key: int | tuple[int, ...] = 0):
+        """The sample's box (in the image's pixels) and jitter factors (float32 [2], None in eval). Drawn
+        in this order from one Generator: box, brightness, contrast."""
+        if not self.train:
+            return self._center_box(width, height), None
+        key = tuple(int(k) for k in key) if isinstance(key, tuple) else (int(key),)  # any ints >= 0
+        rng = np.random.default_rng((int(self.seed) & 0xFFFFFFFF, *key))
+        box = self._random_box(width, height, rng)
+        factors = rng.uniform(1 - self.JITTER, 1 + self.JITTER, size=2).astype(np.float32)
+        return box, factors
+
+    def pixels(self, image: bytes | Image.Image, key: int | tuple[int, ...] = 0):
+        """Encoded bytes or a PIL image -> (uint8 [size, size, 3], float32 [2] jitter factors or None)."""
         s = int(self.size)
-        if self.train:
-            rng = np.random.default_rng((int(self.seed) & 0xFFFFFFFF, int(index)))  # index: any int >= 0
-            box = self._random_box(img.width, img.height, rng)
+        if isinstance(image, Image.Image):
+            width, height = image.size
+            box, factors = self.draw(width, height, key)
+            arr, k = np.array(image.convert("RGB")), 1
         else:
-            rng = None
-            box = self._center_box(img.width, img.height)
-        out = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
-        x = np.asarray(out, dtype=np.float32) / 255.0  # [S, S, 3]
-        if rng is not None:
-            brightness = rng.uniform(1 - self.JITTER, 1 + self.JITTER)
-            contrast = rng.uniform(1 - self.JITTER, 1 + self.JITTER)
-            x = x * brightness
-            grey = float((x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean())
-            x = np.clip((x - grey) * contrast + grey, 0.0, 1.0)
-        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+            enc = _Encoded(bytes(image))
+            width, height = enc.width, enc.height
+            box, factors = self.draw(width, height, key)
+            side = min(box[2] - box[0], box[3] - box[1])
+            k = next((k for k in self.DCT_SCALES if side >= k * s), 1)
+            arr = enc.decode(k)
+        if arr.shape[:2] != (height, width):  # decoded at 1/k: the box in its pixels
+            fx, fy = arr.shape[1] / width, arr.shape[0] / height
+            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        return _resize(arr, box, s), (None if factors is None else torch.from_numpy(factors))
+
+    def __call__(self, img: Image.Image | bytes, index: int | tuple[int, ...] = 0) -> torch.Tensor:
+        x, factors = self.pixels(img, index)
+        return augment(x[None], None if factors is None else factors[None], self.mean, self.std)[0]
 
     @staticmethod
     def _center_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -134,9 +243,16 @@ class Transforms:
         left, top = (width - w) / 2, (height - h) / 2
         return (left, top, left + w, top + h)
 
-    def batch(self, images: Sequence[Image.Image], start_index: int = 0) -> torch.Tensor:
-        """Stacked tensors; image k uses index start_index + k."""
-        return torch.stack([self(img, start_index + k) for k, img in enumerate(images)])
+    def batch_pixels(self, images: Sequence[Image.Image | bytes], start_index: int = 0):
+        """uint8 [B, size, size, 3] and factors [B, 2] (None in eval); image k uses key start_index + k."""
+        out = [self.pixels(img, start_index + k) for k, img in enumerate(images)]
+        x = torch.stack([p for p, _ in out])
+        return x, (torch.stack([f for _, f in out]) if self.train else None)
+
+    def batch(self, images: Sequence[Image.Image | bytes], start_index: int = 0) -> torch.Tensor:
+        """Stacked float32 [B, 3, size, size]; image k uses index start_index + k."""
+        x, factors = self.batch_pixels(images, start_index)
+        return augment(x, factors, self.mean, self.std)
 
 
 # ---------------------------------------------------------------- expert
@@ -262,6 +378,13 @@ class Expert:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+    def pixel_values(self, x: torch.Tensor, factors: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [B, S, S, 3] from `Transforms.pixels` (+ jitter factors) -> normalised float32 [B, 3, S, S] on
+        this expert's device: the copy moves uint8 (4x fewer bytes than float32), the maths runs there."""
+        if factors is not None:
+            factors = factors.to(self.device, non_blocking=True)
+        return augment(x.to(self.device, non_blocking=True), factors, self.mean, self.std)
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised float (from `transforms`) -> float32 [B, num_labels] logits on the CPU."""

@@ -222,10 +222,18 @@ def read_commits(root: DataRoot, stage: str = "*") -> list[CommitRecord]:
     return [CommitRecord(**json.loads(retry_io(fs.cat_file, p, what=f"read {p}"))) for p in paths]
 
 
-def iter_row_groups(root: DataRoot, path: str, columns: list[str]) -> Iterator[pa.Table]:
-    """The `columns` of a committed Parquet file, one row group at a time (bounded memory)."""
+def parquet_footer(root: DataRoot, path: str) -> pq.FileMetaData:
+    """The footer (schema, row groups) of a committed Parquet file, for `iter_row_groups(metadata=)`."""
     with root.fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        return pq.ParquetFile(f).metadata
+
+
+def iter_row_groups(root: DataRoot, path: str, columns: list[str],
+                    metadata: pq.FileMetaData | None = None) -> Iterator[pa.Table]:
+    """The `columns` of a committed Parquet file, one row group at a time (bounded memory).
+    `metadata`: its footer from `parquet_footer`, so a reader that comes back does not parse it again."""
+    with root.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f, metadata=metadata)
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=columns)
 

@@ -29,14 +29,14 @@ from storage.schema import METRICS, PREDICTIONS, to_table
 from storage.shards import Output, commit_shard, is_committed
 from tasks.baselines import source_key
 from tasks import progress
-from tasks.loader import CropStream, make_loader
+from tasks.loader import CropStream, device_batches, make_loader
 from tasks.metrics import coverage_row, image_metrics
 from tasks.specs import EvalSpec
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-EVAL_VERSION = "1"
+EVAL_VERSION = "2"  # 2: crops decoded and resized by the uint8 loader path (issue 11): probabilities move slightly
 TOP_K = 5
 
 
@@ -109,7 +109,8 @@ def expert_probs(root: DataRoot, expert: Expert, frame: pl.DataFrame, batch_size
     positions = frame.with_row_index("pos").group_by("filename", maintain_order=True).agg("feature_id", "pos")
     units = [(r["filename"], r["feature_id"], r["pos"]) for r in positions.iter_rows(named=True)]
     stream = CropStream(root.url, units, expert.transforms(train=False), train=False)
-    for x, pos, _ in make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda"):
+    loader = make_loader(stream, batch_size, workers, pin=expert.device.type == "cuda")
+    for x, pos, _ in device_batches(loader, expert, train=False):  # uint8 from the workers, normalised on the device
         out[pos.numpy()] = expert.predict_proba(x).numpy()
         progress.advance(len(pos))
     return out

@@ -120,7 +120,8 @@ class Predictor:
 
     def _probs(self, group: str, images: list[Image.Image]) -> np.ndarray:
         model = self.models[group]
-        p = model.predict_proba(model.transforms(train=False).batch(images)).numpy()
+        x, _ = model.transforms(train=False).batch_pixels(images)  # uint8, as evaluation's loader delivers it
+        p = model.predict_proba(model.pixel_values(x)).numpy()
         out = np.zeros((len(images), len(self.countries)), dtype=np.float32)
         out[:, [self.countries.index(c) for c in model.labels]] = p
         return out

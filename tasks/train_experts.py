@@ -3,7 +3,9 @@
 * Selection: the group's train/val crops by their IMAGE's split (the `features` view takes split and
   country from `images`), so no image is on both sides. Countries with fewer than
   `min_crops_per_country` train crops are left out of the head and reported.
-* Data: `tasks.loader.CropStream` reads crop bytes straight from the catalog's Parquet shards.
+* Data: `tasks.loader.CropStream` reads crop bytes straight from the catalog's Parquet shards in
+  loader workers that persist across epochs and deliver uint8 crops at the training size; jitter and
+  normalisation run per batch on the model's device (`tasks.loader.device_batches`).
 * Training: AdamW, linear warmup + cosine, bf16 autocast on CUDA, gradient accumulation and clipping,
   early stopping on val accuracy. `last/` (weights + optimizer, safetensors + JSON) is published at
   every evaluation, so a crashed task resumes; `best/` is the registered expert.
@@ -39,13 +41,14 @@ from storage.schema import EXPERTS, to_table
 from storage.shards import Output, commit_shard, is_committed
 from tasks.baselines import source_key
 from tasks import progress
-from tasks.loader import CropStream, Unit, make_loader
+from tasks.loader import CropStream, Unit, close_loader, device_batches, make_loader
 from tasks.specs import TINY, TrainSpec
 
 log = logging.getLogger(__name__)
 
 STAGE = "train-experts"
-TRAIN_VERSION = "1"  # bump when the same spec and crops would train a different expert
+TRAIN_VERSION = "2"  # bump when the same spec and crops would train a different expert
+# 2: augmentation keyed by (seed, epoch, crop, copy), drawn per sample in uint8 workers, jitter on the device
 
 
 # ---------------------------------------------------------------- selection
@@ -180,10 +183,10 @@ def start_model(spec: TrainSpec, labels: list[str], device: str) -> Expert:
 
 
 def evaluate_crops(expert: Expert, loader: DataLoader) -> tuple[float | None, int]:
-    """Top-1 accuracy of `expert` over a loader's crops, and how many crops."""
+    """Top-1 accuracy of `expert` over an eval loader's crops, and how many crops."""
     correct = total = 0
     expert.model.eval()
-    for x, y, _ in loader:
+    for x, y, _ in device_batches(loader, expert, train=False):
         pred = expert.logits(x).argmax(-1)
         correct += int((pred == y).sum())
         total += len(y)
@@ -191,7 +194,10 @@ def evaluate_crops(expert: Expert, loader: DataLoader) -> tuple[float | None, in
 
 
 class Trainer:
-    """One expert's training run: model, optimizer, schedule, data and the resumable `state`."""
+    """One expert's training run: model, optimizer, schedule, data and the resumable `state`.
+
+    Its two loaders (train, val) start once, after `resume` settled the worker count, and keep their
+    workers for the whole run; `run_epoch` stops them when training stops or fails."""
 
     def __init__(self, root: DataRoot, spec: TrainSpec, sel: Selection, eid: str):
         from transformers import get_cosine_schedule_with_warmup
@@ -205,6 +211,7 @@ class Trainer:
                                     balance=spec.balance, shuffle_buffer=spec.shuffle_buffer, seed=spec.seed)
         self.val_set = CropStream(root.url, sel.val, self.expert.transforms(train=False), train=False)
         self.pin = self.device.type == "cuda"
+        self._loaders: tuple[DataLoader, DataLoader] | None = None
         steps_per_epoch = max(1, math.ceil(sel.train_crops / (spec.batch_size * spec.grad_accum)))
         self.total_steps = steps_per_epoch * spec.epochs
         if spec.max_steps:
@@ -216,9 +223,10 @@ class Trainer:
                                                          self.total_steps)
         local = local_dir(root, eid)
         self.last_dir, self.best_dir = f"{local}/last", f"{local}/best"
-        # consumed: samples each loader worker delivered this epoch (what a resume skips)
-        self.state = {"step": 0, "epoch": 0, "consumed": {}, "workers": self.workers, "best": None, "best_step": 0,
-                      "bad_evals": 0, "curve": [], "wall_s": 0.0}
+        # consumed: samples each (logical) loader worker delivered this epoch (what a resume skips);
+        # next_worker: whose batch was due next (a resumed epoch continues in the same order)
+        self.state = {"step": 0, "epoch": 0, "consumed": {}, "next_worker": 0, "workers": self.workers, "best": None,
+                      "best_step": 0, "bad_evals": 0, "curve": [], "wall_s": 0.0}
         self.clock = time.perf_counter()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -236,6 +244,20 @@ class Trainer:
         self.clock = time.perf_counter()
         return self.state["step"]
 
+    def loaders(self) -> tuple[DataLoader, DataLoader]:
+        """(train, val) loaders with persistent workers, started on first use."""
+        if self._loaders is None:
+            batch, workers = self.spec.batch_size, self.workers
+            self._loaders = (make_loader(self.train_set, batch, workers, self.pin, persistent=True),
+                             make_loader(self.val_set, batch, workers, self.pin, persistent=True))
+        return self._loaders
+
+    def close(self) -> None:
+        """Stop the loaders' workers."""
+        for loader in self._loaders or ():
+            close_loader(loader)
+        self._loaders = None
+
     @property
     def done(self) -> bool:
         return self.state["step"] >= self.total_steps or self.state["bad_evals"] >= self.spec.patience
@@ -243,7 +265,7 @@ class Trainer:
     def evaluate_and_save(self) -> bool:
         """Val accuracy, best/ when it improves, last/ always; True = stop (early or at the end)."""
         state, spec = self.state, self.spec
-        acc, n = evaluate_crops(self.expert, make_loader(self.val_set, spec.batch_size, self.workers, self.pin))
+        acc, n = evaluate_crops(self.expert, self.loaders()[1])
         state["curve"].append({"step": state["step"], "val_accuracy": acc, "train_loss": state.get("loss")})
         improved = acc is not None and (state["best"] is None or acc > state["best"])
         if improved or state["best_step"] == 0 and not os.path.exists(self.best_dir):
@@ -261,18 +283,29 @@ class Trainer:
         return self.done
 
     def run_epoch(self, stop_after_steps: int | None = None) -> bool:
-        """Train until the epoch ends or training stops; True = stop."""
+        """Train until the epoch ends or training stops; True = stop. The loaders' workers are stopped
+        when training stops or an error (a crash) leaves this method."""
+        try:
+            stop = self._run_epoch(stop_after_steps)
+        except BaseException:
+            self.close()
+            raise
+        if stop:
+            self.close()
+        return stop
+
+    def _run_epoch(self, stop_after_steps: int | None) -> bool:
         state, spec, model = self.state, self.spec, self.model
-        self.train_set.epoch = state["epoch"]
-        self.train_set.skip = {int(w): n for w, n in state["consumed"].items()}  # resume: skipped undecoded
-        consumed = torch.zeros(max(1, self.workers), dtype=torch.int64)
-        for w, n in self.train_set.skip.items():
-            consumed[w] = n
+        workers = max(1, self.workers)
+        consumed = torch.zeros(workers, dtype=torch.int64)
+        for w, n in state["consumed"].items():
+            consumed[int(w)] = n
+        next_worker = state.get("next_worker", 0)
+        self.train_set.set_epoch(state["epoch"], state["consumed"], next_worker)  # resume: skipped undecoded
         model.train()
         micro = 0
         loss_sum, loss_n = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
-        for x, y, source in make_loader(self.train_set, spec.batch_size, self.workers, self.pin):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for x, y, source in device_batches(self.loaders()[0], self.expert, train=True):
             with self.autocast:
                 logits = model(pixel_values=x).logits
             loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
@@ -280,7 +313,8 @@ class Trainer:
             loss_sum += loss.detach()
             loss_n += 1
             micro += 1
-            consumed += torch.bincount(source, minlength=len(consumed))
+            consumed += torch.bincount(source, minlength=workers)
+            next_worker = (int(source[-1]) + 1) % workers  # a batch comes from one worker
             if micro % spec.grad_accum:
                 continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -290,6 +324,7 @@ class Trainer:
             state["step"] += 1
             progress.advance()
             state["consumed"] = {w: int(n) for w, n in enumerate(consumed.tolist())}
+            state["next_worker"] = next_worker
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
                 raise RuntimeError(f"stopped after {stop_after_steps} steps (simulated crash)")
             if state["step"] % self.eval_every == 0 or state["step"] >= self.total_steps:
@@ -300,7 +335,7 @@ class Trainer:
                     return True
                 model.train()
         state["epoch"] += 1
-        state["consumed"] = {}
+        state["consumed"], state["next_worker"] = {}, 0
         if state["epoch"] >= spec.epochs:
             if loss_n:
                 state["loss"] = float(loss_sum) / loss_n

@@ -98,3 +98,31 @@ def test_predict_prints_countries_and_the_crops_that_voted(evaluated, monkeypatc
     assert all({"label", "group", "top_country", "confidence"} <= set(c) for c in out["crops"])
     text = CliRunner().invoke(app, ["predict", image, "/no/such/image.jpg", "--allow-untrained"])
     assert text.exit_code == 1 and "crops that voted" in text.stdout and "no such file" in text.stdout
+
+
+def test_expert_probs_is_the_same_fast_path_with_any_worker_count(trained_demo):
+    """Evaluation's loader (uint8 from the workers, normalised on the device) gives, in the frame's row
+    order, what the expert computes on the same crops decoded in this process."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from models.expert import Expert
+    from tasks.evaluate import expert_probs, load_crops, select_experts
+
+    root, _ = trained_demo
+    experts = select_experts(root, EvalSpec())
+    row = experts.filter(pl.col("group") == "ground").row(0, named=True)
+    expert = Expert.from_pretrained(row["uri"], device="cpu")
+    frame = load_crops(root, row["segmenter"], ["ground"], "test", ["demo", "demo-im2gps"])
+    assert frame.height > 8 and frame["filename"].n_unique() > 1
+    crops = {}
+    for path in frame["filename"].unique().to_list():
+        t = pq.read_table(path, columns=["feature_id", "crop"])
+        crops.update(zip(t.column("feature_id").to_pylist(), (c["bytes"] for c in t.column("crop").to_pylist())))
+    shuffled = frame.sample(fraction=1.0, shuffle=True, seed=1)  # rows of one file apart: order comes back
+    x, _ = expert.transforms(train=False).batch_pixels([crops[f] for f in shuffled["feature_id"]])
+    direct = expert.predict_proba(expert.pixel_values(x)).numpy()
+    for workers in (0, 2):
+        probs = expert_probs(root, expert, shuffled, batch_size=8, workers=workers)
+        assert probs.shape == (shuffled.height, len(expert.labels))
+        assert np.allclose(probs, direct, atol=1e-6) and torch.allclose(torch.from_numpy(probs).sum(1), torch.ones(1))

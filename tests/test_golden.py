@@ -33,11 +33,12 @@ def test_segmenter_ids():
 
 def test_expert_ids():
     spec = TrainSpec(checkpoint="tiny-random", groups=["ground"], epochs=2)
-    assert run_id(spec, "annotations@main-abc") == "cdb869f1f2a6"
-    assert run_id(TrainSpec(), "seg") == "6499f6a43987"
+    # TRAIN_VERSION 2 (issue 11): uint8 loader, augmentation keyed per (seed, epoch, crop, copy)
+    assert run_id(spec, "annotations@main-abc") == "87ea2ae47300"
+    assert run_id(TrainSpec(), "seg") == "85107326beda"
     sel = Selection(group="ground", key="k", labels=[], train=[], val=[], train_crops=0, val_crops=0,
                     class_counts={}, dropped={}, snapshot="f" * 64)
-    assert expert_id(spec, "annotations@main-abc", sel) == "ground-cdb869f1f2a6-ffffffffff"
+    assert expert_id(spec, "annotations@main-abc", sel) == "ground-87ea2ae47300-ffffffffff"
 
 
 def test_shard_ids():
