@@ -52,6 +52,7 @@ __all__ = [
     "SegmenterUnavailable",
     "resolve_device",
     "segments_from_logits",
+    "swin_large_config",
     "swin_tiny_config",
     "tiny_config",
 ]
@@ -170,6 +171,16 @@ def swin_tiny_config(labels: Sequence[str], *, num_queries: int = 100):
     from transformers import Mask2FormerConfig, SwinConfig
 
     backbone = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                          drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, num_queries=num_queries, **_labels_config(labels))
+
+
+def swin_large_config(labels: Sequence[str], *, num_queries: int = 200):
+    """The shape of facebook/mask2former-swin-large-mapillary-vistas-panoptic (Swin-L: embed_dim 192,
+    depths [2,2,18,2], heads [6,12,24,48], window 12; 200 queries) for random-init GPU benchmarks."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12,
                           drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
     return Mask2FormerConfig(backbone_config=backbone, num_queries=num_queries, **_labels_config(labels))
 
@@ -455,7 +466,7 @@ class Mask2FormerSegmenter:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if layout not in ("chw", "hwc"):
             raise ValueError(f"layout must be chw or hwc, got {layout!r}")
-        channels = 3 if layout == "chw" else -1
+        channels = 1 if layout == "chw" else 3
         if pixel_values.dim() != 4 or pixel_values.shape[channels] != 3 or (
                 layout == "hwc" and pixel_values.dtype != torch.uint8):
             want = "[B, 3, H, W]" if layout == "chw" else "uint8 [B, H, W, 3]"

@@ -193,14 +193,10 @@ _STREAMS_LOCK = threading.Lock()
 
 
 def stream_workers(run: RunOptions, segmenter) -> int:
-    """Reader/crop processes: `run.num_workers`, else min(8, cores - 1) beside a GPU, else on a CPU
-    one per core left after the model's own (cores // 2), so host work overlaps the model."""
-    if run.num_workers is not None:
-        return run.num_workers
-    device = getattr(segmenter, "device", None)
-    if device is not None and device.type != "cpu":
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
-    return (os.cpu_count() or 2) // 2
+    """Reader/crop processes (RunOptions.workers_for): min(8, cores - 1) beside a GPU or with no model;
+    on a CPU a quarter of the cores (at least 1), the model's threads taking the rest (`SegmentStream`)."""
+    device = getattr(segmenter, "device", None)  # None: no model (ground truth), the main thread idles
+    return run.workers_for(device.type if device is not None else "none")
 
 
 def _stream(spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> SegmentStream:

@@ -271,8 +271,8 @@ def worker_main(wid: int, setup: WorkerSetup, inbox, outbox, ring, shape: tuple,
         try:
             msg = inbox.get(timeout=POLL_S)
         except queue.Empty:
-            if os.getppid() != parent:
-                return
+            if os.getppid() != parent:  # orphaned: exit now, without waiting to flush replies nobody reads
+                os._exit(0)
             continue
         if msg is None:
             break
