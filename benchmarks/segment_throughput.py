@@ -36,7 +36,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -465,6 +464,12 @@ def main() -> None:
         t = time.perf_counter()
         more = build_feature_datasets(sources_all, segmenter=spec, crops=crops, run=run, home=home2)
         inc_s = time.perf_counter() - t
+        t = time.perf_counter()  # the no-op build's two stages as flows of their own
+        ingest(source, home=home2)
+        noop_ingest_s = time.perf_counter() - t
+        t = time.perf_counter()
+        segment(["bench"], spec, crops, run, home=home2)
+        noop_segment_s = time.perf_counter() - t
 
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores ({platform.machine()}), "
           f"load average {os.getloadavg()[0]:.1f} at the end; device={seg.device}")
@@ -489,6 +494,8 @@ def main() -> None:
         ("  first build, fixed parts", build_parts(full, full_s), ""),
         ("  no-op rerun wall", f"{noop_s:.1f} s", ""),
         ("  no-op rerun, fixed parts", build_parts(noop, noop_s), ""),
+        ("  no-op `ingest` / `segment` flow alone (each with its flow run)",
+         f"{noop_ingest_s:.2f} / {noop_segment_s:.2f} s", ""),
         ("  +10% wall", f"{inc_s:.1f} s", ""),
         ("  +10%, fixed parts", build_parts(more, inc_s), ""),
         ("model load (once per process, not in (b))", f"{load_s:.1f} s", ""),

@@ -21,7 +21,6 @@ import atexit
 import hashlib
 import json
 import logging
-import os
 import threading
 from functools import lru_cache
 

@@ -44,7 +44,7 @@ from models.labels import GROUPS
 from storage.layout import DataRoot
 from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
 from storage.shards import Output, commit_shard
-from tasks.segment_worker import (FrameWorker, WorkerSetup, cpu_seconds, crop_box, segment_meta, select_segments,
+from tasks.segment_worker import (FrameWorker, WorkerSetup, crop_box, segment_meta, select_segments,
                                   worker_main)
 from tasks.specs import CropSpec, RunOptions, SegmenterSpec
 
@@ -195,9 +195,6 @@ class SegmentStream:
         # measured on 2 busy cores, the tiny model at 2 threads beside a reader took 3-5x the CPU
         # per image of 1 thread.
         self.threads_before = None
-        if workers and device is not None and device.type == "cpu":
-            self.threads_before = torch.get_num_threads()
-            torch.set_num_threads(max(1, min(self.threads_before, (os.cpu_count() or 2) - workers)))
         self.segment_batch = BatchSegmenter(segmenter, spec, run.batch_size, layout="hwc")
         # Bounds: slots hold model inputs between read and model; frames wait in the workers until cut.
         self.nslots = 0 if self.input_size is None else 2 * self.batch
@@ -217,6 +214,9 @@ class SegmentStream:
         self._local: deque = deque()  # inline replies
         self._free = list(range(self.nslots))
         self._start_workers()
+        if workers and device is not None and device.type == "cpu":
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(max(1, min(self.threads_before, (os.cpu_count() or 2) - workers)))
         self._commits: queue.Queue = queue.Queue(maxsize=COMMITS_QUEUED)
         self._committer = threading.Thread(target=self._commit_loop, name="segment-commit", daemon=True)
         self._committer.start()
@@ -301,12 +301,15 @@ class SegmentStream:
         error: BaseException | None = None
         try:
             while self._wait_for_work():
-                self._dispatch()
+                self._flush()
+                dispatched = self._dispatch()
                 if self._model_step():
                     continue
                 msg = self._receive()
                 if msg is not None:
                     self._on_message(msg)
+                elif self.inline is not None and not dispatched:
+                    time.sleep(0.01)  # inline with nothing to do (cannot happen; never spin if it does)
         except BaseException as exc:  # noqa: BLE001 - every waiting shard task gets it
             error = exc
             log.exception("segment stream failed")
@@ -337,19 +340,22 @@ class SegmentStream:
                 self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             return True
 
-    def _dispatch(self) -> None:
-        """Hand the next images (in submission order, across shards) to the least busy workers."""
+    def _dispatch(self) -> int:
+        """Hand the next images (in submission order, across shards) to the least busy workers;
+        returns how many."""
         with self._cv:
             shards = list(self._shards)
+        sent = 0
         for shard in shards:
             while shard.next_read < shard.size:
                 if self.nslots and not self._free:
-                    return
+                    return sent
                 if sum(self._inflight) >= self.max_inflight:
-                    return
+                    return sent
                 worker = min(range(len(self._inflight)), key=self._inflight.__getitem__)
                 if self._inflight[worker] >= self.per_worker:
-                    return
+                    return sent
+                sent += 1
                 ref, index = shard.plan.images[shard.next_read], shard.next_read
                 shard.next_read += 1
                 seq, self._seq = self._seq, self._seq + 1
@@ -357,6 +363,7 @@ class SegmentStream:
                 self._where[seq] = (shard, index, worker)
                 self._inflight[worker] += 1
                 self._send(worker, ("read", seq, ref.source_uri, ref.dataset, slot))
+        return sent
 
     def _on_message(self, msg: tuple) -> None:
         kind, seq = msg[0], msg[1]
@@ -483,6 +490,9 @@ class SegmentStream:
         self._inflight[worker] -= 1
         shard.remaining -= 1
         self.clock["images"] += 1
+        self._flush()
+
+    def _flush(self) -> None:
         # Hand finished shards to the commit thread in submission order (a rerun after a kill then
         # finds the committed shards a prefix of the plan, and re-plans the rest identically).
         while True:

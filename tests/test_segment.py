@@ -378,18 +378,19 @@ def test_a_dead_reader_fails_its_shards_and_the_next_stream_starts_fresh(root):
 
 
 KILL_COMMIT_SCRIPT = """
-import os, sys, time
-from flows import env; env.apply()
+import sys, time
+from concurrent.futures import ThreadPoolExecutor
 import storage.shards as shards
-from flows.build_feature_datasets import build_feature_datasets
-from tasks.specs import DemoSpec, RunOptions, SegmenterSpec
+import tasks.segment as stage
+from storage.layout import DataRoot
+from tasks.specs import CropSpec, DemoSpec, RunOptions, SegmenterSpec
 
 home, world, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 real = shards.atomic_write
 records = []
 
 def stall_third_record(root, path, write):
-    # the third segmentation shard's Parquet files are in place; its record would be next
+    # the third shard's Parquet files are in place; its record would be next
     if "/_commits/segment/" in path:
         records.append(path)
         if len(records) == 3:
@@ -398,23 +399,33 @@ def stall_third_record(root, path, write):
     return real(root, path, write)
 
 shards.atomic_write = stall_third_record
-build_feature_datasets(demo=DemoSpec(countries=2, per_country=6, heldout_per_country=1, out=world),
-                       segmenter=SegmenterSpec(kind="annotations"),
-                       run=RunOptions(batch_size=2, num_workers=1, shard_size=3), home=home)
+root = DataRoot(home)
+spec = SegmenterSpec(kind="annotations", annotations=DemoSpec(**DEMO).annotations(world))
+run = RunOptions(batch_size=2, num_workers=1, shard_size=3)
+plans = [p for name in ("demo", "demo-im2gps")
+         for p in stage.plan_segment(root, name, stage.segmenter_id(spec, CropSpec()), run.shard_size)]
+with ThreadPoolExecutor(run.concurrent_shards) as pool:  # what the flow does, without Prefect
+    list(pool.map(lambda plan: stage.segment_shard(root, plan, spec, CropSpec(), run), plans))
 """
+KILL_DEMO = {"countries": 2, "per_country": 6, "heldout_per_country": 1}
 
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_kill_9_during_a_background_commit_then_rerun_equals_a_clean_run(tmp_path):
     """The commit thread is stopped between a shard's Parquet renames and its record, while the
     driver goes on with the next shards; kill -9 then. The reader processes exit by themselves (no
-    orphans), and the rerun's features equal a clean run's: no duplicate, no temp file."""
+    orphans), and the rerun's features equal a clean run's: no duplicate, no temp file. (The killed
+    run streams the shards as the flow does, without Prefect: a kill is about the stream's commits.)"""
     import psutil
 
     killed, clean = DataRoot(str(tmp_path / "killed")), DataRoot(str(tmp_path / "clean"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "GEOFEAT_HOME": str(tmp_path / "gh")}
     world, marker = str(tmp_path / "world"), tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_COMMIT_SCRIPT, killed.url, world, str(marker)], env=env,
+    spec = DemoSpec(**KILL_DEMO, out=world)
+    run = RunOptions(batch_size=2, num_workers=1, shard_size=3)
+    build_feature_datasets(demo=spec, segmenter=None, home=killed.url)  # ingest only
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = KILL_COMMIT_SCRIPT.replace("DemoSpec(**DEMO)", f"DemoSpec(**{KILL_DEMO!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script, killed.url, world, str(marker)], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -423,22 +434,19 @@ def test_kill_9_during_a_background_commit_then_rerun_equals_a_clean_run(tmp_pat
         assert marker.exists(), "the third shard's commit never started"
         time.sleep(0.2)
         record = Path(marker.read_text())
-        shard = record.stem
-        files = [p for p in Path(killed.url).rglob(f"{shard}.parquet")]
+        files = [p for p in Path(killed.url).rglob(f"{record.stem}.parquet")]
         assert files and not record.exists(), "the kill must land between the files and the record"
-        readers = [c for c in psutil.Process(proc.pid).children() if "prefect" not in " ".join(c.cmdline())]
+        readers = psutil.Process(proc.pid).children()
         assert readers, "a reader process should be running"
-        os.kill(proc.pid, signal.SIGKILL)  # the flow process only: its readers must notice and exit
+        os.kill(proc.pid, signal.SIGKILL)  # the stage's process only: its readers must notice and exit
         proc.wait()
         gone, alive = psutil.wait_procs(readers, timeout=15)
         assert not alive, f"orphaned reader processes: {alive}"
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the temporary Prefect server
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    spec = DemoSpec(countries=2, per_country=6, heldout_per_country=1, out=world)
-    run = RunOptions(batch_size=2, num_workers=1, shard_size=3)
     for root in (killed, clean):
         build_feature_datasets(demo=spec, segmenter=SegmenterSpec(kind="annotations"), run=run, home=root.url)
     after, reference = features_snapshot(killed), features_snapshot(clean)
