@@ -190,10 +190,6 @@ class SegmentStream:
                         "reading inline. On Dask GPU workers set DASK_DISTRIBUTED__WORKER__DAEMON=False")
             workers = 0
         self.nworkers = workers
-        # On a CPU the model's threads and the readers share the cores: the model gets the cores the
-        # readers leave (restored when the stream stops). Oversubscribed OpenMP threads spin-wait:
-        # measured on 2 busy cores, the tiny model at 2 threads beside a reader took 3-5x the CPU
-        # per image of 1 thread.
         self.threads_before = None
         self.segment_batch = BatchSegmenter(segmenter, spec, run.batch_size, layout="hwc")
         # Bounds: slots hold model inputs between read and model; frames wait in the workers until cut.
@@ -214,6 +210,10 @@ class SegmentStream:
         self._local: deque = deque()  # inline replies
         self._free = list(range(self.nslots))
         self._start_workers()
+        # On a CPU the model's threads and the readers share the cores: the model gets the cores the
+        # readers leave (restored when the stream stops). Oversubscribed OpenMP threads spin-wait:
+        # measured on 2 busy cores, the tiny model at 2 threads beside a reader took 3-5x the CPU
+        # per image of 1 thread.
         if workers and device is not None and device.type == "cpu":
             self.threads_before = torch.get_num_threads()
             torch.set_num_threads(max(1, min(self.threads_before, (os.cpu_count() or 2) - workers)))
@@ -230,6 +230,8 @@ class SegmentStream:
         setup = WorkerSetup(spec=self.spec, crops=self.crops, input_size=self.input_size,
                             annotations=self.annotations, groups=self.groups)
         self.procs, self.inboxes = [], []
+        if self.cuda and shape:  # model inputs go to the GPU from page-locked memory, without blocking
+            self.staging = torch.empty((self.batch, *self.input_size, 3), dtype=torch.uint8).pin_memory()
         if not self.nworkers:
             self.slots = np.zeros(shape, np.uint8) if shape else None
             self.inline = FrameWorker(setup, self.slots)
@@ -246,8 +248,6 @@ class SegmentStream:
             proc.start()
             self.procs.append(proc)
             self.inboxes.append(inbox)
-        if self.cuda:  # model inputs go to the GPU from page-locked memory, without blocking the driver
-            self.staging = torch.empty((self.batch, *self.input_size, 3), dtype=torch.uint8).pin_memory()
 
     def _send(self, worker: int, msg: tuple) -> None:
         if self.inline is not None:
@@ -266,7 +266,8 @@ class SegmentStream:
             for proc in self.procs:
                 if proc.exitcode is not None:
                     raise RuntimeError(f"segment: reader process {proc.pid} exited with code {proc.exitcode} "
-                                       "(killed? out of memory?); the shards in flight are failed and retried")
+                                       "(killed? out of memory?); the shards in flight failed, committed ones "
+                                       "are kept: run the stage again to do the rest")
             return None
 
     # ------------------------------------------------------------ the public side
@@ -450,7 +451,7 @@ class SegmentStream:
         are free again once this returns."""
         if self.cuda:
             out = self.staging[: len(slots)]
-            np.take(self.slots, slots, axis=0, out=out.numpy())
+            np.take(self.slots, slots, axis=0, out=out.numpy(), mode="clip")  # "raise" would buffer a copy
             return out
         return torch.from_numpy(np.take(self.slots, slots, axis=0))
 
