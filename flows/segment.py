@@ -10,6 +10,8 @@ Its tasks: `plan-segment` (per dataset) and `segment-shard` (tasks/segment.py).
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
@@ -65,7 +67,9 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
     segmenter_id = stage.segmenter_id(spec, crops)
     if spec.kind == "tiny-random":
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
+    clock = time.perf_counter()
     plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
+    timings = {"plan_s": time.perf_counter() - clock}
     log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
     bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images")
     bar.emit()
@@ -81,25 +85,37 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
         bar.advance(sizes.get(results[-1]["shard_id"], 0))
 
     # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
-    # `run.concurrent_shards` shard tasks in flight; they share this process's model (on Dask:
-    # each worker's model, and only workers offering the runner's GPU resource take them).
-    active = []
-    with gpu_slot(), gpu_tasks(submits=bool(plans)):
-        for plan in plans:
-            if len(active) >= run.concurrent_shards:
-                done = next(as_completed(active))
-                active.remove(done)
-                finished(done)
-            active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
-        for done in as_completed(active):
-            finished(done)
+    # `run.concurrent_shards` shard tasks in flight. They feed this process's one streaming
+    # pipeline (tasks/segment_stream.py): while a shard commits in the background the next one is
+    # already being read and segmented. On Dask each GPU worker streams the shards it gets. With
+    # nothing to segment (a no-op rerun) neither the slot nor the model is touched.
+    clock = time.perf_counter()
+    if plans:
+        active = []
+        try:
+            with gpu_slot(), gpu_tasks():
+                for plan in plans:
+                    if len(active) >= run.concurrent_shards:
+                        done = next(as_completed(active))
+                        active.remove(done)
+                        finished(done)
+                    active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
+                for done in as_completed(active):
+                    finished(done)
+        finally:
+            stage.close_streams()  # the reader processes end with the stage run
+    timings["segment_s"] = time.perf_counter() - clock
     bar.finish()
+    clock = time.perf_counter()
     refresh_catalog(root)
+    timings["refresh_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     checks = quality_checks(root, segmenter_id, names)
     create_markdown_artifact(quality_markdown(segmenter_id, checks, untrained=spec.kind == "tiny-random"),
                              key=artifact_key("data-quality", segmenter_id), description=f"quality of {segmenter_id}")
     for c in checks:
         (log.info if c.passed else log.warning)("quality %s: %s: %s", "PASS" if c.passed else "FAIL", c.name, c.detail)
+    timings["quality_s"] = time.perf_counter() - clock
     return {
         "segmenter": segmenter_id,
         "datasets": names,
@@ -108,4 +124,5 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
         "crops": sum(r["crops"] for r in results),
         "model_calls": sum(r["model_calls"] for r in results),
         "checks_failed": [c.name for c in checks if not c.passed],
+        "timings": timings,  # s: planning, segmenting (model load included), catalog refresh, quality checks
     }

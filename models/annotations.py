@@ -1,8 +1,8 @@
 """The `annotations` segmenter: COCO-panoptic ground truth instead of a model.
 
 It gives a feature dataset built from perfect masks (the segmentation-quality upper bound)
-and is the demo's default. Same interface as the Mask2Former backend: `prepare` runs in
-DataLoader workers, `predict` turns a batch into Segments.
+and is the demo's default. The segment stage calls `segments_for` in its reader workers, beside
+the decoded image (no model, no batch); `prepare` + `predict` serve single images (`geofeat predict`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,13 @@ class AnnotationsSegmenter:
             return {"ids": None}
         ids = src.read_ids(ann)[top : top + height]
         return {"ids": ids, "segments_info": ann["segments_info"], "categories": src.categories}
+
+    def segments_for(self, dataset: str, source_uri: str, top: int, height: int, width: int) -> list[Segment] | None:
+        """The segments of rows [top, top + height) of one image (None: it has no annotation). The
+        segment stream's workers call this next to the decoded frame, so the full-resolution id
+        map never leaves the process that decoded it."""
+        item = self.prepare(dataset, source_uri, top, height)
+        return None if item["ids"] is None else _segments(item, (height, width))
 
     def predict(self, items: list[dict], sizes: list[tuple[int, int]]) -> list[list[Segment] | None]:
         """Segments per image; None where the image has no annotation."""

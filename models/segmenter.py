@@ -1,9 +1,11 @@
-"""Mask2Former for batch inference: preprocessing in DataLoader workers, post-processing at mask resolution.
+"""Mask2Former for batch inference: resizing on the host, normalising on the device, post-processing at
+mask resolution.
 
 Pieces:
 
-* `Preprocessor`  - picklable RGB PIL -> float32 [3, H, W] (bilinear resize to a fixed size, normalise);
-  it runs in DataLoader workers, so every image of a batch has the same shape and batches stack.
+* `Preprocessor`  - picklable RGB PIL -> uint8 [3, H, W] (bilinear resize to a fixed size; `normalize`
+  runs on the model's device), so every image of a batch has the same shape and batches stack. The
+  segment stage's reader processes do the same resize into shared memory ([H, W, 3], `layout="hwc"`).
 * `Mask2FormerSegmenter` - loads a checkpoint (safetensors only, fails fast offline) or builds a tiny
   random-init model for tests/demos; `predict(pixel_values, sizes)` runs the network (bf16 autocast on
   CUDA) and turns its output into `Segment`s.
@@ -50,6 +52,7 @@ __all__ = [
     "SegmenterUnavailable",
     "resolve_device",
     "segments_from_logits",
+    "swin_large_config",
     "swin_tiny_config",
     "tiny_config",
 ]
@@ -168,6 +171,16 @@ def swin_tiny_config(labels: Sequence[str], *, num_queries: int = 100):
     from transformers import Mask2FormerConfig, SwinConfig
 
     backbone = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                          drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, num_queries=num_queries, **_labels_config(labels))
+
+
+def swin_large_config(labels: Sequence[str], *, num_queries: int = 200):
+    """The shape of facebook/mask2former-swin-large-mapillary-vistas-panoptic (Swin-L: embed_dim 192,
+    depths [2,2,18,2], heads [6,12,24,48], window 12; 200 queries) for random-init GPU benchmarks."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12,
                           drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
     return Mask2FormerConfig(backbone_config=backbone, num_queries=num_queries, **_labels_config(labels))
 
@@ -442,17 +455,28 @@ class Mask2FormerSegmenter:
 
     def predict(self, pixel_values: torch.Tensor, sizes: Sequence[tuple[int, int]], *, mode: str = "panoptic",
                 score_threshold: float = 0.5, mask_threshold: float = 0.5,
-                overlap_threshold: float = 0.8) -> list[list[Segment]]:
+                overlap_threshold: float = 0.8, layout: str = "chw") -> list[list[Segment]]:
         """pixel_values [B, 3, H, W] from `preprocessor` (uint8, normalised here on the device, or already
-        normalised float); sizes = the original (height, width) of each image."""
+        normalised float); sizes = the original (height, width) of each image.
+
+        layout "hwc": uint8 [B, H, W, 3] as PIL resized it (the segment stream's shared-memory slots),
+        copied to the device as it is and made [B, 3, H, W] there: the same values, and no transpose
+        on the host."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        if layout not in ("chw", "hwc"):
+            raise ValueError(f"layout must be chw or hwc, got {layout!r}")
+        channels = 1 if layout == "chw" else 3
+        if pixel_values.dim() != 4 or pixel_values.shape[channels] != 3 or (
+                layout == "hwc" and pixel_values.dtype != torch.uint8):
+            want = "[B, 3, H, W]" if layout == "chw" else "uint8 [B, H, W, 3]"
+            raise ValueError(f"pixel_values must be {want}, got {tuple(pixel_values.shape)} {pixel_values.dtype}")
         if len(sizes) != pixel_values.shape[0]:
             raise ValueError(f"{len(sizes)} sizes for a batch of {pixel_values.shape[0]}")
         with torch.inference_mode():
             x = pixel_values.to(self.device, non_blocking=True)
+            if layout == "hwc":
+                x = x.permute(0, 3, 1, 2).contiguous()
             x = self.preprocessor.normalize(x) if x.dtype == torch.uint8 else x.to(torch.float32)
             with self._autocast():
                 out = self.model(pixel_values=x)

@@ -3,49 +3,49 @@
 Three words, three things: the SegmenterSpec (`spec`, what to run), the segmenter id (`segmenter_id`,
 the `segmenter` value of every row: name@revision-<hash of the spec and crops>), and the loaded
 segmenter (`load_segmenter`: a Mask2Former or the ground-truth annotations). Plain functions; the
-flow `segment` (flows/segment.py) runs `segment_shard` as one Prefect task per shard. One shard:
-  DataLoader workers read, decode, cut the overlay and preprocess (prefetching) ->
-  the model runs batch after batch (bf16 on CUDA, batch halved on OOM) ->
-  post-processing at mask resolution picks segments -> crops are cut from the original
-  image and encoded in a thread pool while the next batch runs -> one atomic commit of
-  `features` (partitioned segmenter/dataset/group), `segmentations` and `quarantine`.
+flow `segment` (flows/segment.py) runs `segment_shard` as one Prefect task per shard, and keeps
+`run.concurrent_shards` of them submitted to this process's one streaming pipeline
+(tasks/segment_stream.py):
+  reader/crop worker processes, alive for the whole stage run, read, decode, cut the overlay and
+  resize into shared memory, ahead of the model and across shard boundaries ->
+  the model runs chunk after chunk in plan order (bf16 on CUDA, batch halved on OOM) ->
+  post-processing at mask resolution picks segments -> the worker holding the frame cuts and
+  encodes the crops from the original image while the model runs the next chunk ->
+  a commit thread writes each shard's `features` (partitioned segmenter/dataset/group),
+  `segmentations` and `quarantine` atomically, completion record last; then the task returns.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import io
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
-from datetime import datetime, timezone
+import threading
 from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import BaseModel
-from torch.utils.data import DataLoader, Dataset
 
-from models.labels import GROUPS, label_set_for_checkpoint, load_label_map
-from models.segmenter import Segment
-from storage import sources
+from models.labels import label_set_for_checkpoint, load_label_map
 from storage.layout import DataRoot
 from storage.queries import catalog
-from storage.schema import FEATURES, QUARANTINE, SEGMENTATIONS, to_table
-from storage.shards import Output, commit_shard, is_committed, read_commits, shard_id
-from tasks.loader import worker_init
+from storage.shards import is_committed, read_commits, shard_id
+from tasks.segment_stream import BatchSegmenter, SegmentStream, feature_id, stream_stats
+from tasks.segment_worker import (MAX_ASPECT, MIN_SIDE, crop_box, cut_crop, encode, overlay_rows, read_frame,
+                                  select_segments)
 from tasks.specs import CropSpec, RunOptions, SegmenterSpec
-from tasks.validate import BadInput, load_rgb
+from tasks.validate import BadInput
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BatchSegmenter", "MAX_ASPECT", "MIN_SIDE", "close_streams", "crop_box", "cut_crop", "encode",
+           "feature_id", "label_groups", "load_segmenter", "overlay_rows", "plan_segment", "segment_shard",
+           "segmenter_id", "segmenter_specs", "select_segments", "stream_stats"]
+
 STAGE = "segment"
 SEGMENT_VERSION = "1"  # bump when crops change for the same inputs and parameters
-MIN_SIDE = 16  # px; smaller images (after the overlay cut) cannot be segmented
-MAX_ASPECT = 12.0  # width/height (or inverse) beyond this is a strip, not a scene
 
 
 # ---------------------------------------------------------------- identity
@@ -132,24 +132,16 @@ def label_groups(spec: SegmenterSpec, segmenter) -> dict[str, str]:
     return {label.name: label.group for label in load_label_map(name).labels}
 
 
-# ---------------------------------------------------------------- reading (DataLoader workers)
+# ---------------------------------------------------------------- one image at a time (geofeat predict)
 
 
-def overlay_rows(height: int, spec: SegmenterSpec, dataset: str, layout: str | None = None) -> tuple[int, int]:
-    """(top, kept height) in px after cutting the dataset's (or its layout's) overlay bands (GeoGuessr UI)."""
-    cut = spec.overlay_for(dataset, layout)
-    if cut is None:
-        return 0, height
-    top, bottom = int(round(height * cut.top)), int(round(height * cut.bottom))
-    return top, max(0, height - top - bottom)
-
-
-class ShardImages(Dataset):
-    """Reads, decodes and preprocesses one shard's images; errors become items, not exceptions."""
+class ShardImages:
+    """Reads one shard's images one at a time, as the stream's workers do; errors become items, not
+    exceptions. For single images (`geofeat predict`); the stage itself streams (SegmentStream)."""
 
     def __init__(self, refs: list[ImageRef], spec: SegmenterSpec, segmenter):
         self.refs, self.spec = refs, spec
-        self.preprocessor = getattr(segmenter, "preprocessor", None)  # picklable; None for annotations
+        self.preprocessor = getattr(segmenter, "preprocessor", None)  # None for annotations
         self.annotations = segmenter if spec.kind == "annotations" else None
 
     def __len__(self) -> int:
@@ -158,16 +150,12 @@ class ShardImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         ref = self.refs[i]
         try:
-            img = load_rgb(sources.read_bytes(ref.source_uri))
-            top, kept = overlay_rows(img.height, self.spec, ref.dataset, ref.layout)
-            if min(img.width, kept) < MIN_SIDE or max(img.width / max(kept, 1), kept / img.width) > MAX_ASPECT:
-                raise BadInput("unsegmentable", f"{img.width}x{img.height} px, {kept} px tall after the overlay cut")
-            img = img.crop((0, top, img.width, top + kept))
-            item = {"index": i, "image": torch.from_numpy(np.asarray(img).copy()), "top": top}
+            frame, top = read_frame(ref.source_uri, ref.dataset, self.spec, ref.layout)
+            item = {"index": i, "image": torch.from_numpy(np.asarray(frame).copy()), "top": top}
             if self.preprocessor is not None:
-                item["pixels"] = self.preprocessor(img)
+                item["pixels"] = self.preprocessor(frame)
             if self.annotations is not None:
-                item.update(self.annotations.prepare(ref.dataset, ref.source_uri, top, kept))
+                item.update(self.annotations.prepare(ref.dataset, ref.source_uri, top, frame.height))
             return item
         except BadInput as bad:
             return {"index": i, "error": (bad.reason, bad.detail)}
@@ -176,103 +164,10 @@ class ShardImages(Dataset):
 
 
 def collate_images(items: list[dict]) -> dict:
-    """Original images differ in size and stay a list; model inputs are stacked here, in the
-    worker, so the DataLoader can pin them for a non-blocking copy to the GPU."""
+    """Decoded images differ in size and stay a list; model inputs are stacked."""
     good = [item for item in items if "error" not in item]
     pixels = torch.stack([item.pop("pixels") for item in good]) if good and "pixels" in good[0] else None
     return {"items": items, "good": good, "pixels": pixels}
-
-
-# ---------------------------------------------------------------- model with OOM back-off
-
-
-@dataclass
-class BatchSegmenter:
-    """Runs a loaded segmenter over collated batches. On CUDA OOM the batch is halved (and stays
-    halved); a batch that fails otherwise is retried image by image, so one bad image cannot fail
-    the shard: its result is the exception, where the others' are their segments."""
-
-    segmenter: Any
-    spec: SegmenterSpec
-    size: int  # images per model call; shrinks on OOM
-
-    def __call__(self, items: list[dict], pixels) -> list:
-        """Segments (or None: no annotation, or the exception) per item, in order."""
-        def part(a: int, b: int) -> list:
-            return self(items[a:b], None if pixels is None else pixels[a:b])
-
-        if len(items) > self.size:
-            step = self.size  # fixed for this split, even if a part shrinks self.size on OOM
-            return [seg for k in range(0, len(items), step) for seg in part(k, k + step)]
-        sizes = [tuple(item["image"].shape[:2]) for item in items]
-        spec = self.spec
-        try:
-            if spec.kind == "annotations":
-                return self.segmenter.predict(items, sizes)
-            return self.segmenter.predict(pixels, sizes, mode=spec.mode, score_threshold=spec.score_threshold,
-                                          mask_threshold=spec.mask_threshold, overlap_threshold=spec.overlap_threshold)
-        except torch.cuda.OutOfMemoryError:
-            if len(items) == 1:
-                raise
-            torch.cuda.empty_cache()
-            self.size = max(1, len(items) // 2)
-            log.warning("CUDA out of memory at batch %d: continuing at batch %d", len(items), self.size)
-            return part(0, len(items))
-        except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model
-            if len(items) == 1:
-                return [exc]
-            return [seg for k in range(len(items)) for seg in part(k, k + 1)]
-
-
-# ---------------------------------------------------------------- crops (pure)
-
-
-def select_segments(segments: list[Segment], groups: dict[str, str], crops: CropSpec) -> list[tuple[Segment, str, int]]:
-    """(segment, group, rank within its label) for the segments worth a crop."""
-    by_label: dict[str, list[Segment]] = {}
-    for seg in segments:
-        if groups.get(seg.label) in GROUPS and seg.score >= crops.min_score and seg.area >= crops.min_area:
-            by_label.setdefault(seg.label, []).append(seg)
-    out = []
-    for label in sorted(by_label):
-        ranked = sorted(by_label[label], key=lambda s: (-s.area, s.bbox))[: crops.max_per_label]
-        out.extend((seg, groups[label], rank) for rank, seg in enumerate(ranked))
-    return out
-
-
-def crop_box(bbox: tuple[int, int, int, int], width: int, height: int, crops: CropSpec) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = bbox
-    px = int(round((x1 - x0) * crops.padding)) + crops.padding_px
-    py = int(round((y1 - y0) * crops.padding)) + crops.padding_px
-    return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)
-
-
-def cut_crop(image: np.ndarray, seg: Segment, crops: CropSpec) -> Image.Image:
-    """The crop from the full-resolution image; the mask (low-res) only greys the background."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = crop_box(seg.bbox, w, h, crops)
-    region = image[y0:y1, x0:x1]
-    if crops.mask_background:
-        mh, mw = seg.mask.shape
-        rows = np.minimum((np.arange(y0, y1) * mh) // h, mh - 1)
-        cols = np.minimum((np.arange(x0, x1) * mw) // w, mw - 1)
-        keep = seg.mask[np.ix_(rows, cols)]
-        region = np.where(keep[..., None], region, np.uint8(128))
-    img = Image.fromarray(np.ascontiguousarray(region))
-    if max(img.size) > crops.max_side:
-        img.thumbnail((crops.max_side, crops.max_side), Image.BILINEAR)
-    return img
-
-
-def encode(img: Image.Image, crops: CropSpec) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG" if crops.format == "jpeg" else "WEBP", quality=crops.quality)
-    return buf.getvalue()
-
-
-def feature_id(segmenter_id: str, dataset: str, image_id: str, label: str, rank: int) -> str:
-    """Deterministic: the same crop gets the same id on every run (and a rerun after kill -9)."""
-    return hashlib.sha256(f"{segmenter_id}|{dataset}|{image_id}|{label}|{rank}".encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------- plan and run
@@ -303,77 +198,59 @@ def plan_segment(root: DataRoot, dataset: str, segmenter_id: str, shard_size: in
     return plans
 
 
+# One stream per process and segmenter version (the model and the workers are shared by every
+# shard task of a stage run in this process; on Dask, by the tasks of one worker).
+_STREAMS: dict[tuple, SegmentStream] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def stream_workers(run: RunOptions, segmenter) -> int:
+    """Reader/crop processes (RunOptions.workers_for): min(8, cores - 1) beside a GPU or with no model;
+    on a CPU a quarter of the cores (at least 1), the model's threads taking the rest (`SegmentStream`)."""
+    device = getattr(segmenter, "device", None)  # None: no model (ground truth), the main thread idles
+    return run.workers_for(device.type if device is not None else "none")
+
+
+def _stream(spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> SegmentStream:
+    key = (spec.model_dump_json(), crops.model_dump_json(), run.device, run.batch_size, run.num_workers)
+    with _STREAMS_LOCK:
+        stream = _STREAMS.get(key)
+        if stream is None or stream.stopped:
+            for other_key, other in list(_STREAMS.items()):  # one stream at a time: close idle ones
+                if other.stopped or other.idle:
+                    other.close()
+                    del _STREAMS[other_key]
+            segmenter = load_segmenter(spec, run.device)
+            stream = SegmentStream(spec, crops, run, segmenter, label_groups(spec, segmenter),
+                                   stream_workers(run, segmenter))
+            _STREAMS[key] = stream
+        return stream
+
+
+def close_streams() -> None:
+    """Stop this process's streams once their submitted shards are committed (the flow calls it at
+    the end of the stage; a stream also stops by itself after a while without work)."""
+    with _STREAMS_LOCK:
+        streams = list(_STREAMS.values())
+        _STREAMS.clear()
+    for stream in streams:
+        stream.close()
+
+
+atexit.register(close_streams)
+
+
 def segment_shard(root: DataRoot, plan: SegmentPlan, spec: SegmenterSpec, crops: CropSpec, run: RunOptions) -> dict:
-    """Segment one shard and commit its crops; returns counts (and `model_calls`)."""
+    """Segment one shard through this process's stream and return once its record exists: counts
+    (and `model_calls`: model batches, or images looked up in the ground truth)."""
     if is_committed(root, STAGE, plan.dataset, plan.shard_id):
         return {"shard_id": plan.shard_id, "cached": True, "images": 0, "crops": 0, "model_calls": 0}
-    segmenter = load_segmenter(spec, run.device)
-    groups = label_groups(spec, segmenter)
-    untrained = bool(getattr(segmenter, "untrained", False))
-    now = datetime.now(timezone.utc)
-    device = getattr(segmenter, "device", None)
-    workers = run.workers_for(device.type if device is not None else "cpu")
-    loader = DataLoader(ShardImages(plan.images, spec, segmenter), batch_size=run.batch_size, collate_fn=collate_images,
-                        num_workers=workers, prefetch_factor=2 if workers else None,
-                        worker_init_fn=worker_init, pin_memory=torch.cuda.is_available())
-    segment_batch = BatchSegmenter(segmenter, spec, run.batch_size)
-    features: list[tuple[dict, Future]] = []
-    logs, quarantined, model_calls = [], [], 0
-    unknown: set[str] = set()  # labels the label map does not know: dropped, and said so below
-
-    def record(ref: ImageRef, status: str, n: int) -> None:
-        logs.append({"image_id": ref.image_id, "dataset": ref.dataset, "segmenter": plan.segmenter_id,
-                     "status": status, "crops": n, "created_at": now})
-
-    def reject(ref: ImageRef, reason: str, detail: str) -> None:
-        quarantined.append({"source_uri": ref.source_uri, "dataset": ref.dataset, "stage": STAGE, "reason": reason,
-                            "detail": f"segmenter {plan.segmenter_id}: {detail}", "size_bytes": None,
-                            "source_mtime": None, "seen_at": now})
-        # A model failure may be transient (CUDA, a bug fixed later): `error` is planned again.
-        record(ref, "error" if reason == "segmenter_error" else "quarantined", 0)
-
-    with ThreadPoolExecutor(run.encode_threads) as pool:
-        for batch in loader:
-            good = batch["good"]
-            for item in batch["items"]:
-                if "error" in item:
-                    reject(plan.images[item["index"]], *item["error"])
-            results = segment_batch(good, batch["pixels"]) if good else []
-            model_calls += bool(good)
-            for item, segments in zip(good, results):
-                ref = plan.images[item["index"]]
-                if isinstance(segments, Exception):
-                    reject(ref, "segmenter_error", f"{type(segments).__name__}: {segments}")
-                    continue
-                if segments is None:
-                    record(ref, "no_annotation", 0)
-                    continue
-                unknown.update(seg.label for seg in segments if seg.label not in groups)
-                chosen = select_segments(segments, groups, crops)
-                record(ref, "ok" if chosen else "no_crops", len(chosen))
-                image = item["image"].numpy()
-                for seg, group, rank in chosen:
-                    x0, y0, x1, y1 = seg.bbox
-                    crop = cut_crop(image, seg, crops)
-                    fid = feature_id(plan.segmenter_id, ref.dataset, ref.image_id, seg.label, rank)
-                    row = {"feature_id": fid, "image_id": ref.image_id, "dataset": ref.dataset, "split": ref.split,
-                           "country": ref.country, "label": seg.label, "group": group, "score": float(seg.score),
-                           "bbox": [x0, y0 + item["top"], x1, y1 + item["top"]], "area": int(seg.area),
-                           "crop_width": crop.width, "crop_height": crop.height, "segmenter": plan.segmenter_id,
-                           "untrained": untrained, "created_at": now}
-                    features.append((row, pool.submit(encode, crop, crops)))
-        ext = "jpg" if crops.format == "jpeg" else "webp"
-        rows = [dict(row, crop={"bytes": fut.result(), "path": f"{row['feature_id']}.{ext}"}) for row, fut in features]
-
-    outputs = [Output("features", {"segmenter": plan.segmenter_id, "dataset": plan.dataset, "group": g},
-                      to_table([r for r in rows if r["group"] == g], FEATURES)) for g in GROUPS]
-    outputs += [Output("segmentations", {"segmenter": plan.segmenter_id, "dataset": plan.dataset}, to_table(logs, SEGMENTATIONS)),
-                Output("quarantine", {"dataset": plan.dataset}, to_table(quarantined, QUARANTINE))]
-    commit_shard(root, STAGE, plan.dataset, plan.shard_id, outputs,
-                 params={"segmenter": plan.segmenter_id, "spec": spec.model_dump(), "crops": crops.model_dump()})
+    while (future := _stream(spec, crops, run).submit(root, plan)) is None:
+        pass  # that stream stopped between lookup and submit: the next lookup starts a new one
+    result = future.result()
+    unknown, untrained = result.pop("unknown"), result.pop("untrained")
     if unknown:
-        log.warning("shard %s: labels with no group in the label map were dropped: %s", plan.shard_id, sorted(unknown))
+        log.warning("shard %s: labels with no group in the label map were dropped: %s", plan.shard_id, unknown)
     if untrained:
         log.warning("shard %s: crops come from an UNTRAINED random-init segmenter", plan.shard_id)
-    return {"shard_id": plan.shard_id, "cached": False, "images": len(plan.images), "crops": len(rows),
-            "quarantined": len(quarantined), "model_calls": model_calls}
+    return result

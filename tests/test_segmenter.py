@@ -23,6 +23,7 @@ from models.segmenter import (
     SegmenterUnavailable,
     resolve_device,
     segments_from_logits,
+    swin_large_config,
     swin_tiny_config,
     tiny_config,
 )
@@ -253,6 +254,22 @@ def test_tiny_random_predicts_valid_segments(tiny):
         tiny.predict(pixels, sizes[:2])
 
 
+def test_hwc_inputs_give_the_same_segments(tiny):
+    """The segment stream hands the model [B, H, W, 3] uint8 slots, made [B, 3, H, W] on the device:
+    the same values, so the same segments as the Preprocessor's layout."""
+    images = _images()
+    pixels = torch.stack([tiny.preprocessor(img) for img in images])
+    sizes = [(img.height, img.width) for img in images]
+    chw = tiny.predict(pixels, sizes, mode="instance", score_threshold=0.0)
+    hwc = tiny.predict(pixels.permute(0, 2, 3, 1).contiguous(), sizes, mode="instance", score_threshold=0.0,
+                       layout="hwc")
+    assert chw == hwc and sum(map(len, chw)) > 0
+    with pytest.raises(ValueError, match="uint8 \\[B, H, W, 3\\]"):
+        tiny.predict(pixels, sizes, layout="hwc")
+    with pytest.raises(ValueError, match="layout"):
+        tiny.predict(pixels, sizes, layout="nhwc")
+
+
 def test_tiny_random_is_small_fast_and_flagged(tiny):
     assert tiny.untrained and tiny.device == torch.device("cpu")
     assert tiny.identity == {"checkpoint": tiny.checkpoint, "revision": None, "untrained": True,
@@ -296,6 +313,9 @@ def test_configs():
     assert big.backbone_config.embed_dim == 96 and list(big.backbone_config.depths) == [2, 2, 6, 2]
     assert big.hidden_dim == 256 and big.num_labels == 3
     assert Mask2FormerSegmenter.swin_tiny_config is swin_tiny_config or Mask2FormerSegmenter.swin_tiny_config(LABELS)
+    large = swin_large_config(LABELS)  # the Vistas checkpoint's shape, for GPU benchmarks
+    assert large.backbone_config.embed_dim == 192 and list(large.backbone_config.depths) == [2, 2, 18, 2]
+    assert large.backbone_config.window_size == 12 and large.num_queries == 200
     with pytest.raises(ValueError, match="duplicate"):
         tiny_config(["road", "road"])
 
