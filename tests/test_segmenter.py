@@ -270,17 +270,14 @@ def test_hwc_inputs_give_the_same_segments(tiny):
         tiny.predict(pixels, sizes, layout="nhwc")
 
 
-def test_tiny_random_is_small_fast_and_flagged(tiny):
+def test_tiny_random_is_small_and_flagged(tiny):
     assert tiny.untrained and tiny.device == torch.device("cpu")
     assert tiny.identity == {"checkpoint": tiny.checkpoint, "revision": None, "untrained": True,
                              "input_size": [96, 224], "num_labels": 3}
     assert json.loads(json.dumps(tiny.identity)) == tiny.identity
     assert sum(p.numel() for p in tiny.model.parameters()) < 1_000_000
-    pixels = torch.randn(4, 3, 96, 224)
-    tiny.predict(pixels, [(96, 224)] * 4)  # warm-up
-    started = time.perf_counter()
-    tiny.predict(pixels, [(96, 224)] * 4)
-    assert time.perf_counter() - started < 1.0
+    out = tiny.predict(torch.randn(4, 3, 96, 224), [(96, 224)] * 4)  # speed is a benchmark's job, not a test's
+    assert len(out) == 4
 
 
 def test_untrained_warning_logged_once_at_load(caplog):
