@@ -40,7 +40,8 @@ def closed_port() -> int:
 
 
 def predict(root, *args) -> tuple[int, str]:
-    res = runner.invoke(app, ["predict", *args], env={"GEOFEAT_HOME": root.url})
+    """`geofeat predict` with the demo's tiny random-init experts (which must be asked for)."""
+    res = runner.invoke(app, ["predict", "--allow-untrained", *args], env={"GEOFEAT_HOME": root.url})
     return res.exit_code, res.stdout
 
 
