@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from storage.layout import ENV_HOME, DataRoot
@@ -48,12 +50,40 @@ def prefect_env(root: DataRoot | None = None) -> dict[str, str]:
     return env
 
 
+REAPER = Path(__file__).resolve().with_name("reaper.py")
+_reaper: subprocess.Popen | None = None  # kept: a dropped Popen of a running process warns
+_hooked = False
+
+
+def _reap_temporary_server(event: str, args: tuple) -> None:
+    """Audit hook: when this process starts Prefect's temporary server, start flows/reaper.py,
+    which stops that server once this process has died, even of SIGKILL (Prefect's own exit
+    handler never runs then). Once per process; costs one small stdlib-only process."""
+    global _reaper
+    if event != "subprocess.Popen" or _reaper is not None:
+        return
+    command = args[1] if len(args) > 1 else None
+    if not isinstance(command, (list, tuple)) or not any("prefect.server.api.server:create_app" in str(a) for a in command):
+        return
+    try:  # an audit hook that raises would abort the server's start: a reaper is worth less than that
+        _reaper = subprocess.Popen([sys.executable, "-I", "-S", str(REAPER), str(os.getpid())],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def apply(root: DataRoot | None = None) -> dict[str, str]:
     """Set the environment in this process. PREFECT_HOME always follows the data root (runs
-    never touch ~/.prefect); for the other variables, values the user set explicitly win."""
+    never touch ~/.prefect); for the other variables, values the user set explicitly win.
+    A temporary Prefect server this process starts dies with it (`_reap_temporary_server`)."""
     env = prefect_env(root)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    global _hooked
+    if not _hooked:
+        sys.addaudithook(_reap_temporary_server)  # hooks cannot be removed: add it once
+        _hooked = True
     return env

@@ -63,29 +63,31 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
     segmenter_id = stage.segmenter_id(spec, crops)
     if spec.kind == "tiny-random":
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
-    plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
-    log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
-    progress = create_progress_artifact(0.0, key="segmentation-progress",
-                                        description=f"shards segmented by {segmenter_id}")
-    results = []
+    # The stage holds the `gpu` slot (a file lock on the data root, flows/runner.py) while it plans
+    # and runs: a plan made while another run still segments would give the same images other shard
+    # ids and segment them twice. It keeps `run.concurrent_shards` shard tasks in flight; they share
+    # this process's model (on Dask: each worker's model, and only workers offering the runner's GPU
+    # resource take them).
+    results, active = [], []
+    with gpu_slot(root):
+        plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
+        log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
+        progress = create_progress_artifact(0.0, key="segmentation-progress",
+                                            description=f"shards segmented by {segmenter_id}")
 
-    def finished(future) -> None:
-        results.append(future.result())
-        update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
+        def finished(future) -> None:
+            results.append(future.result())
+            update_progress_artifact(progress, 100.0 * len(results) / max(1, len(plans)))
 
-    # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
-    # `run.concurrent_shards` shard tasks in flight; they share this process's model (on Dask:
-    # each worker's model, and only workers offering the runner's GPU resource take them).
-    active = []
-    with gpu_slot(), gpu_tasks(submits=bool(plans)):
-        for plan in plans:
-            if len(active) >= run.concurrent_shards:
-                done = next(as_completed(active))
-                active.remove(done)
+        with gpu_tasks(submits=bool(plans)):
+            for plan in plans:
+                if len(active) >= run.concurrent_shards:
+                    done = next(as_completed(active))
+                    active.remove(done)
+                    finished(done)
+                active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
+            for done in as_completed(active):
                 finished(done)
-            active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
-        for done in as_completed(active):
-            finished(done)
     update_progress_artifact(progress, 100.0)
     refresh_catalog(root)
     checks = quality_checks(root, segmenter_id, names)
