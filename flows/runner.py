@@ -88,15 +88,30 @@ def retried(retries: int) -> dict[str, Any]:
 # temporary server's memory, so a run killed with -9 left `gpu` held in prefect.db forever and every
 # later run hung without a word. The kernel drops a flock with its process, whatever killed it, and
 # taking it costs microseconds (a Prefect slot taken inside a task cost ~2 s). Waiting runs log who
-# holds it every GPU_WAIT_LOG_S seconds. On Dask, workers' `GPU` resources guard each worker's GPU.
+# holds it every GPU_WAIT_LOG_S seconds. $GEOFEAT_GPU_SLOTS (default 1) gives one slot per GPU, for a
+# machine (or a Dask cluster on a shared local root) with several; Dask's `GPU` resources still
+# decide which worker runs a task.
 GPU_LOCK = "gpu"
 GPU_WAIT_LOG_S = 30.0  # s between "waiting for the GPU" lines
+ENV_GPU_SLOTS = "GEOFEAT_GPU_SLOTS"
+
+
+def gpu_slots(value: str | None = None) -> int:
+    """How many GPU stages may run at once on a data root: `value`, else $GEOFEAT_GPU_SLOTS, else 1."""
+    value = value if value is not None else os.environ.get(ENV_GPU_SLOTS, "")
+    if not value.strip():
+        return 1
+    if not value.strip().isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"{ENV_GPU_SLOTS}={value!r}: give the number of GPUs, 1 to 64")
+    return int(value)
 
 
 @contextmanager
-def stage_lock(root: DataRoot | str | None, name: str, what: str, every: float = GPU_WAIT_LOG_S) -> Iterator[None]:
-    """Hold the lock `name` of `root` (a DataRoot or its URL; default: $GEOFEAT_HOME) for the block.
-    A run that has to wait logs, every `every` seconds, who holds it and the way out."""
+def stage_lock(root: DataRoot | str | None, name: str, what: str, every: float = GPU_WAIT_LOG_S,
+               slots: int = 1) -> Iterator[None]:
+    """Hold the lock `name` of `root` (a DataRoot or its URL; default: $GEOFEAT_HOME), or one of its
+    `slots`, for the block. A run that has to wait logs, every `every` seconds, who holds it and the
+    way out."""
     root = root if isinstance(root, DataRoot) else DataRoot.from_env(root)
     ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
     run = f"flow run {ctx.flow_run.name!r} ({ctx.flow.name})" if ctx is not None and ctx.flow_run else "a run"
@@ -106,14 +121,16 @@ def stage_lock(root: DataRoot | str | None, name: str, what: str, every: float =
         logger = get_run_logger()
     except Exception:  # noqa: BLE001 - outside a run: plain logging
         logger = logging.getLogger(__name__)
-    with held(lock_path(root, re.sub(r"[^\w.-]", "_", name)), f"{what} of data root {root.url}", by=run, log=logger,
-              every=every):
+    name = re.sub(r"[^\w.-]", "_", name)
+    paths = [lock_path(root, name if i == 0 else f"{name}-{i}") for i in range(slots)]
+    with held(paths, f"{what} of data root {root.url}", by=run, log=logger, every=every):
         yield
 
 
 def gpu_slot(root: DataRoot | str | None = None, every: float = GPU_WAIT_LOG_S):
-    """Hold the `gpu` slot of `root` for the block; other GPU stages on the same root wait for it."""
-    return stage_lock(root, GPU_LOCK, "the `gpu` slot", every)
+    """Hold a `gpu` slot of `root` for the block ($GEOFEAT_GPU_SLOTS of them, default 1); other GPU
+    stages on the same root wait for one."""
+    return stage_lock(root, GPU_LOCK, "the `gpu` slot", every, slots=gpu_slots())
 
 
 # ---------------------------------------------------------------- the runner

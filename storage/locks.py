@@ -92,39 +92,72 @@ def holder_of(path: str) -> Holder | None:
         return None
 
 
-def _waiting_line(path: str, what: str, waited: float) -> str:
+def _holder_line(path: str) -> tuple[str, str]:
+    """(who holds the lock at `path`, how to free it), for a waiting run's log."""
     holder = holder_of(path)
     if holder is not None and holder.alive() is not False:
-        who = f"held by {holder.describe()}"
-        free = f"to free it, stop that process (kill {holder.pid})" if holder.alive() else \
-            f"to free it, stop pid {holder.pid} on {holder.host}"
-    else:
-        who = "held by a process that has not said who it is yet"
-        free = f"`fuser {path}` names the process that holds it"
-    return (f"waiting {waited:.0f} s for {what} ({path}): {who}. The lock is released as soon as that process "
-            f"ends, even if it crashes. To stop waiting, press Ctrl-C or cancel this run; {free}")
+        free = f"stop that process (kill {holder.pid})" if holder.alive() else f"stop pid {holder.pid} on {holder.host}"
+        return f"held by {holder.describe()}", free
+    return "held by a process that has not said who it is yet", f"`fuser {path}` names it"
+
+
+def _waiting_line(paths: list[str], what: str, waited: float) -> str:
+    lines = [_holder_line(p) for p in paths]
+    who = "; ".join(w for w, _ in lines) if len(paths) == 1 else \
+        "; ".join(f"slot {i}: {w}" for i, (w, _) in enumerate(lines))
+    free = "; or ".join(f for _, f in lines)
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} slots, {paths[0]}..."
+    return (f"waiting {waited:.0f} s for {what} ({where}): {who}. A lock is released as soon as its process "
+            f"ends, even if it crashes. To stop waiting, press Ctrl-C or cancel this run; to free it, {free}")
+
+
+def _acquire(paths: list[str], what: str, log, every: float, poll: float) -> tuple[FileLock, str]:
+    """One of the locks at `paths`: at once if one is free, else as soon as one is, logging every `every` s."""
+    locks = [FileLock(p) for p in paths]
+
+    def any_free() -> tuple[FileLock, str] | None:
+        for lock, path in zip(locks, paths):
+            try:
+                lock.acquire(timeout=0)
+                return lock, path
+            except Timeout:
+                continue
+        return None
+
+    got = any_free()
+    if got is not None:
+        return got
+    started, logged = time.monotonic(), float("-inf")
+    while True:
+        if time.monotonic() - logged >= every:
+            log.warning(_waiting_line(paths, what, time.monotonic() - started))
+            logged = time.monotonic()
+        if len(locks) == 1:  # one slot: block on it (no polling) until the next log line is due
+            try:
+                locks[0].acquire(timeout=max(0.0, every - (time.monotonic() - logged)))
+                got = locks[0], paths[0]
+            except Timeout:
+                got = None
+        else:
+            time.sleep(poll)
+            got = any_free()
+        if got is not None:
+            log.info("got %s after %.0f s", what, time.monotonic() - started)
+            return got
 
 
 @contextmanager
-def held(path: str, what: str, *, by: str | None = None, log: logging.Logger | logging.LoggerAdapter = log,
-         every: float = WAIT_LOG_S) -> Iterator[None]:
-    """Hold the exclusive lock at `path` (a local file) for the block, waiting as long as it takes
-    and logging who holds it every `every` seconds. `what`: the lock, for the log lines; `by`: this
-    holder, for the lines of those who wait (default: `what`)."""
-    os.makedirs(posixpath.dirname(path), exist_ok=True)
-    lock = FileLock(path)
-    started = time.monotonic()
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        while True:
-            log.warning(_waiting_line(path, what, time.monotonic() - started))
-            try:
-                lock.acquire(timeout=every)
-                break
-            except Timeout:
-                continue
-        log.info("got %s after %.0f s", what, time.monotonic() - started)
+def held(path: str | list[str], what: str, *, by: str | None = None,
+         log: logging.Logger | logging.LoggerAdapter = log, every: float = WAIT_LOG_S,
+         poll: float = 0.25) -> Iterator[None]:
+    """Hold the exclusive lock at `path` (a local file), or one of several (`path` a list: that many
+    slots), for the block, waiting as long as it takes and logging who holds them every `every`
+    seconds. `what`: the lock, for the log lines; `by`: this holder, for the lines of those who wait
+    (default: `what`)."""
+    paths = [path] if isinstance(path, str) else list(path)
+    for folder in {posixpath.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    lock, path = _acquire(paths, what, log, every, poll)
     try:
         try:
             write_json(holder_path(path), asdict(Holder(os.getpid(), socket.gethostname(), by or what,

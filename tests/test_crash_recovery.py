@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.runner import GPU_LOCK, gpu_slot
 from storage.layout import DataRoot
-from storage.locks import holder_of, lock_path
 from tasks.check import integrity_checks
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -127,6 +125,9 @@ with held(lock_path(DataRoot(sys.argv[1]), "gpu"), "the gpu slot", by="a segment
 
 
 def test_a_waiting_run_says_who_holds_the_gpu_and_gets_it_once_the_holder_is_killed(root, caplog):
+    from flows.runner import GPU_LOCK, gpu_slot
+    from storage.locks import holder_of, lock_path
+
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, root.url], env=env_for(root), stdout=subprocess.PIPE,
                               text=True)
     try:
@@ -176,11 +177,6 @@ if "train" in sys.argv[1]:
 """
 
 
-def gpu_held_by(root: DataRoot, text: str) -> bool:
-    holder = holder_of(lock_path(root, GPU_LOCK))
-    return holder is not None and text in holder.what
-
-
 @needs_proc
 @pytest.mark.timeout(1200)
 def test_kill_9_during_segmentation_and_during_training_then_reruns_end_in_bounded_time(tmp_path):
@@ -191,8 +187,8 @@ def test_kill_9_during_segmentation_and_during_training_then_reruns_end_in_bound
         # 1. kill -9 the build mid-segmentation, while it holds the gpu slot
         build = Run([RUN, "build"], root)
         runs.append(build)
-        build.wait_for("segmentation holding the gpu slot with a shard committed",
-                       lambda: gpu_held_by(root, "build-feature") and len(list(commits.rglob("*.json"))) >= 1, BOUND_S)
+        build.wait_for("a segmentation shard committed (the stage holds the gpu slot)",
+                       lambda: len(list(commits.rglob("*.json"))) >= 1, BOUND_S)
         servers = servers_of(build.pid)
         build.kill9()
         assert servers and gone(servers, 30), "the killed build's temporary Prefect server lives on"
@@ -203,9 +199,8 @@ def test_kill_9_during_segmentation_and_during_training_then_reruns_end_in_bound
         runs.append(both)
         both.wait_for("the rerun's build to finish", lambda: both.line("BUILT"), BOUND_S)
         built_s = time.monotonic() - started
-        both.wait_for("training holding the gpu slot with a checkpoint saved",
-                      lambda: gpu_held_by(root, "train-experts")
-                      and any(Path(root.url, "checkpoints").glob("*/last/trainer_state.json")), BOUND_S)
+        both.wait_for("a training checkpoint saved (the training task holds the gpu slot)",
+                      lambda: any(Path(root.url, "checkpoints").glob("*/last/trainer_state.json")), BOUND_S)
         servers = servers_of(both.pid)
         both.kill9()
         assert servers and gone(servers, 30), "the killed training's temporary Prefect server lives on"
@@ -256,3 +251,38 @@ def test_the_temporary_server_dies_with_its_parent(root):
         assert gone(servers, 30), "the temporary server outlived its parent"
     finally:
         run.kill_group()
+
+
+def test_one_gpu_slot_per_gpu(root, monkeypatch):
+    """$GEOFEAT_GPU_SLOTS=2 (two GPUs): two GPU stages run side by side, a third waits for one of them."""
+    from flows.runner import gpu_slot, gpu_slots
+
+    monkeypatch.setenv("GEOFEAT_GPU_SLOTS", "2")
+    inside, release, third = [], threading.Event(), threading.Event()
+
+    def stage() -> None:
+        with gpu_slot(root, every=0.2):
+            inside.append(1)
+            release.wait(10)
+
+    holders = [threading.Thread(target=stage, daemon=True) for _ in range(2)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(inside) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(inside) == 2  # both slots taken at once
+
+    def wait_third() -> None:
+        with gpu_slot(root, every=0.2):
+            third.set()
+
+    waiter = threading.Thread(target=wait_third, daemon=True)
+    waiter.start()
+    assert not third.wait(1.0)
+    release.set()
+    assert third.wait(5)
+    for t in [*holders, waiter]:
+        t.join(5)
+    with pytest.raises(ValueError, match="GEOFEAT_GPU_SLOTS"):
+        gpu_slots("lots")

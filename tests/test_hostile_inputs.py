@@ -113,23 +113,21 @@ def test_a_symlink_loop_does_not_fail_the_shard_of_a_good_image(tmp_path, root):
     assert quarantined(root, "loop")["loop.jpg"][0] == "symlink_loop"
 
 
-def test_a_file_that_grows_past_max_bytes_is_cut_off_at_the_limit(tmp_path, root, monkeypatch):
-    """Reads are bounded by the bytes read, not the size listed (a file listed small that grew)."""
-    from storage import sources
+def test_a_file_that_grows_past_max_bytes_after_listing_is_cut_off_at_the_limit(tmp_path, root):
+    """Reads are bounded by the bytes actually read, not the size the listing saw."""
+    from tasks.ingest import ingest_shard, plan_ingest
 
-    src = tmp_path / "g50"
-    write(src / "France" / "grows.jpg", image_bytes("JPEG", seed=3))
-    real_scan = sources.scan
-
-    def listed_small(url, **kw):
-        found = real_scan(url, **kw)
-        found.files = [sources.SourceFile(f.uri, f.rel, 10, f.mtime) for f in found.files]  # listed as 10 bytes
-        return found
-
-    monkeypatch.setattr(sources, "scan", listed_small)
-    ingest(SourceSpec(layout="g50", source=str(src), dataset="grows"), IngestOptions(max_bytes=100), home=root.url)
+    path = write(tmp_path / "g50" / "France" / "grows.jpg", image_bytes("JPEG", seed=3))
+    listed = path.stat().st_size
+    params = {"dataset": "grows", "layout": "g50", "split": {"policy": "hash", "train": 0.8, "val": 0.1},
+              "max_pixels": 80_000_000, "max_bytes": listed + 100}
+    plans, _ = plan_ingest(root, "g50", str(tmp_path / "g50"), None, params, 10)
+    with open(path, "ab") as f:  # grows after it was listed, past max_bytes
+        f.write(b"\0" * 1000)
+    for plan in plans:
+        ingest_shard(root, plan)
     reason, detail = quarantined(root, "grows")["grows.jpg"]
-    assert reason == "too_large" and "max_bytes=100" in detail and "listed as 10" in detail
+    assert reason == "too_large" and f"max_bytes={listed + 100}" in detail and f"listed as {listed}" in detail
 
 
 def test_an_unlistable_sub_folder_is_a_quarantine_row_not_a_silent_gap(tmp_path, root, monkeypatch):
