@@ -170,22 +170,20 @@ def copy_root(src: DataRoot, dst: Path) -> DataRoot:
 # ---------------------------------------------------------------- 1. kill -9 during `geofeat build demo`
 
 
-def moments(root: DataRoot, clean_s: float, n: int, seed: int) -> list[tuple[str, object]]:
-    """(name, condition or seconds): targeted moments first, then seeded random ones."""
-    r = Path(root.url)
-    count = lambda stage: len(list((r / "_commits" / stage).rglob("*.json")))  # noqa: E731
+def moments(clean_s: float, segment_shards: int, n: int, seed: int) -> list[tuple[str, object]]:
+    """(name, condition on a root or seconds): targeted moments first, then seeded random ones."""
+    count = lambda r, stage: len(list((r / "_commits" / stage).rglob("*.json")))  # noqa: E731
     targeted = [
-        ("demo-world generation", lambda: any(r.glob("demo-world.tmp-*"))),
-        ("world written, before ingest", lambda: (r / "demo-world" / "world.json").exists()),
-        ("mid-ingest", lambda: count("ingest") >= 1),
-        ("mid-segmentation (1st shard)", lambda: count("segment") >= 1),
-        ("mid-segmentation (later)", lambda: count("segment") >= 2),
-        ("after segmentation (refresh, gate)", lambda: any(r.glob("_index/feature_meta.parquet.tmp-*"))
-         or (r / "_index" / "feature_meta.parquet").exists() and count("segment") >= 2),
+        ("demo-world generation", lambda r: any(r.glob("demo-world.tmp-*"))),
+        ("world written, before ingest", lambda r: (r / "demo-world" / "world.json").exists()),
+        ("mid-ingest", lambda r: count(r, "ingest") >= 1),
+        ("mid-segmentation (1st shard)", lambda r: count(r, "segment") >= 1),
+        ("mid-segmentation (later)", lambda r: count(r, "segment") >= 2),
+        ("after the last segment shard (refresh, checks, gate)", lambda r: count(r, "segment") >= segment_shards),
     ]
     rng = random.Random(seed)
     randoms = [(f"random at {t:.1f} s", t) for t in sorted(rng.uniform(0.05, 0.95) * clean_s for _ in range(n))]
-    return (targeted + randoms)[:n] if n <= len(targeted) else targeted + randoms[: n - len(targeted)]
+    return targeted[:n] + randoms[: max(0, n - len(targeted))]
 
 
 def build_kills(base: Path, n: int, seed: int) -> DataRoot:
@@ -197,12 +195,13 @@ def build_kills(base: Path, n: int, seed: int) -> DataRoot:
     say(f"clean build: {clean_s:.0f} s; images_all {len(reference['images_all'])}, quarantine "
         f"{len(reference['quarantine'])}, crops {len(reference['features'])}")
     bound = max(300.0, 3 * clean_s)
-    for i, (name, when) in enumerate(moments(clean, clean_s, n, seed), start=1):
+    segment_shards = len(list(Path(clean.url, "_commits", "segment").rglob("*.json")))
+    for i, (name, when) in enumerate(moments(clean_s, segment_shards, n, seed), start=1):
         root = DataRoot(str(base / f"kill{i}"))
         child = Child(root, "build", "demo")
         if callable(when):
-            while not when() and child.proc.poll() is None:
-                time.sleep(0.02)
+            while not when(Path(root.url)) and child.proc.poll() is None:
+                time.sleep(0.01)
         else:
             time.sleep(max(0.0, when - (time.monotonic() - child.started)))
         at = time.monotonic() - child.started

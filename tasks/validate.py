@@ -43,7 +43,6 @@ REASONS = {
     "segmenter_error": "the segmenter failed on this image alone",
 }
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # PIL format names; MPO: a camera's multi-picture JPEG
 # What some bytes are, by their first bytes: for details of files PIL cannot (or should not) open.
 MAGIC = [
@@ -72,11 +71,6 @@ class ImageInfo:
     width: int  # px, after EXIF orientation
     height: int  # px
     format: str
-
-
-def is_image_name(name: str) -> bool:
-    """Does the name end in an image extension? A hint only: the content decides (`inspect_image`)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def sniff(data: bytes) -> str:
