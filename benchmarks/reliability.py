@@ -375,10 +375,12 @@ def hostile_sql(base: Path, built: DataRoot) -> None:
     out_dir = base / "sql-out"
     out_dir.mkdir()
     before = {str(p): p.stat().st_size for p in Path(root.url).rglob("*") if p.is_file()}
-    refused, slowest = 0, 0.0
+    refused, other, slowest = 0, [], 0.0
     for statement, reason in HOSTILE:
         rc, s, out = geofeat(root, "sql", statement.format(home=root.url, out=out_dir), bound=120)
-        refused += rc == 2 and reason in out
+        refused += rc == 2
+        if rc == 2 and reason not in out:  # refused, for another reason than on the tests' catalog
+            other.append(f"{statement[:70]!r}: {out.strip().splitlines()[-1][:110]}")
         slowest = max(slowest, s)
     after = {str(p): p.stat().st_size for p in Path(root.url).rglob("*") if p.is_file()}
     wrote = sorted(set(after) - set(before)) + sorted(p for p in before if after.get(p) != before[p])
@@ -392,8 +394,11 @@ def hostile_sql(base: Path, built: DataRoot) -> None:
         bounded.append((rc == 2 and ("ran longer" in out or "needs more than" in out), round(s, 1)))
     nested = [geofeat(root, "sql", 'SELECT feature_id, bbox, crop FROM features LIMIT 3', "--format", f, bound=120)[0]
               for f in ("table", "csv", "json")]
-    say(f"{len(HOSTILE)} hostile statements: {refused} refused with their reason (slowest {slowest:.1f} s); files "
-        f"written: {wrote or 'none'}, under --out: {list(out_dir.iterdir()) or 'none'}")
+    say(f"{len(HOSTILE)} hostile statements: {refused} refused, {refused - len(other)} with the reason the tests "
+        f"expect (slowest {slowest:.1f} s); files written: {wrote or 'none'}, under --out: "
+        f"{list(out_dir.iterdir()) or 'none'}")
+    for line in other:
+        say(f"  refused otherwise: {line}")
     say(f"{len(endless)} endless queries with --timeout 5: stopped {sum(b for b, _ in bounded)}, wall s "
         f"{[s for _, s in bounded]}; nested columns in table/csv/json: rc {nested}")
     ROWS.append({"scenario": f"{len(HOSTILE)} hostile SQL", "ok": refused == len(HOSTILE) and not wrote,

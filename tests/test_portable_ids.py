@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import EXPERT_DEMO
+from storage.catalog import query
 from storage.layout import DataRoot
 from tasks.segment import plan_segment, segmenter_id
 from tasks.specs import AnnotationSource, CropSpec, DemoSpec, SegmenterSpec, TrainSpec
@@ -33,6 +35,9 @@ def test_a_copied_data_root_keeps_its_segmenter_and_expert_ids(demo_catalog, tmp
     assert run_id(TrainSpec(), here) == run_id(TrainSpec(), there)
     assert plan_segment(copy, "demo", there, 64) == []  # nothing to segment again in the copy
     assert plan_segment(copy, "demo", there + "x", 64) != []  # (while another id would redo it all)
+    # its catalog.sql, copied along, named the first root's files: the read-only query reads the copy's
+    assert query(copy, "SELECT count(*) AS n FROM features").column("n")[0].as_py() > 0
+    assert f"-- Data root: {copy.url}\n" in Path(copy.catalog_sql).read_text()
 
 
 def source(folder, content: bytes) -> AnnotationSource:
