@@ -19,10 +19,13 @@ files on any machine with the same numpy/Pillow (no timestamps are embedded).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import tempfile
 import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -241,7 +244,7 @@ def generate_demo_world(out: str, spec: DemoSpec = DemoSpec(), overwrite: bool =
     untouched. A different one raises ValueError unless overwrite=True (which always
     regenerates). Written into a sibling temp folder and swapped in (storage.publish), so
     readers never see a half-written world; a killed generation's temp folder is swept first.
-    Generated once when runs race: on a local `out` a lock (`.<name>.lock` beside it) makes the
+    Generated once when runs race: on a local `out` a lock (in the system temp folder) makes the
     second wait and reuse the first's world; elsewhere the first to publish wins and the other
     drops its copy and reuses it. Returns the parsed world.json.
     """
@@ -250,7 +253,9 @@ def generate_demo_world(out: str, spec: DemoSpec = DemoSpec(), overwrite: bool =
     swept = sweep_dead_temps(fs, root)
     if swept:
         logger.info("removed %d temp folder(s) of demo-world generations that died: %s", len(swept), swept)
-    lock = held(posixpath.join(posixpath.dirname(root), f".{posixpath.basename(root)}.lock"),
+    # The lock sits in the system temp folder, keyed by the world's path: nothing beside the world.
+    key = hashlib.sha256(root.encode()).hexdigest()[:16]
+    lock = held(os.path.join(tempfile.gettempdir(), "geofeat-locks", f"demo-world-{key}.lock"),
                 f"generating the demo world at {out}", log=logger) if is_local(out) else nullcontext()
     with lock:
         existing = read_world(out)
