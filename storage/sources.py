@@ -194,31 +194,54 @@ def _scan_local(root: str, skip_hidden: bool, scheme: str = "") -> Scan:
     return out
 
 
+def _listing(fs: fsspec.AbstractFileSystem, root: str) -> tuple[dict[str, dict], list[tuple[str, OSError]]]:
+    """Every entry under `root` with its info, and the folders whose listing failed. A store that
+    lists a whole prefix in one request (s3fs, gcsfs, memory) cannot fail for one sub-folder; a
+    filesystem listed folder by folder (fsspec's generic walk: SFTP, HDFS, ...) is walked here, since
+    that walk drops a sub-folder's error on the floor."""
+    if type(fs).find is not fsspec.AbstractFileSystem.find:
+        return fs.find(root, detail=True), []
+    found, failed, todo = {}, [], [root]
+    while todo:
+        folder = todo.pop()
+        try:
+            entries = fs.ls(folder, detail=True)
+        except OSError as exc:
+            if folder == root:
+                raise
+            failed.append((folder, exc))
+            continue
+        for info in entries:
+            found[info["name"]] = info
+            if info.get("type") == "directory" and info["name"].rstrip("/") != folder.rstrip("/"):
+                todo.append(info["name"])
+    return found, failed
+
+
 def _scan_remote(url: str, skip_hidden: bool) -> Scan:
     """Object stores and other fsspec filesystems: entries of type `file` are files; anything else
-    (a store's `other`, a link) is refused, and a sub-folder whose listing fails is reported."""
+    (a store's `other`, a link) is refused, and so is a sub-folder whose listing fails."""
     fs, root = url_fs(url)
     root = root.rstrip("/")
-    failed: list[BaseException] = []
+    found, failed = _listing(fs, root)
+    hidden = lambda rel: skip_hidden and any(part.startswith(".") for part in rel.split("/"))  # noqa: E731
+    to_uri = lambda path: fs.unstrip_protocol(path) if "://" in url else path  # noqa: E731
     out = Scan()
-    for path, info in sorted(fs.find(root, detail=True, on_error=failed.append).items()):
+    for path, info in sorted(found.items()):
         rel = posixpath.relpath(path, root)
-        if skip_hidden and any(part.startswith(".") for part in rel.split("/")):
-            continue
-        uri = fs.unstrip_protocol(path) if "://" in url else path
         kind = info.get("type")
-        if kind == "directory":
+        if kind == "directory" or hidden(rel):
             continue
         if kind == "file":
-            out.files.append(SourceFile(uri, rel, int(info.get("size") or 0), _mtime(info)))
+            out.files.append(SourceFile(to_uri(path), rel, int(info.get("size") or 0), _mtime(info)))
         else:
-            out.refused.append(Refused(uri, rel, "not_a_regular_file", f"listed as {kind!r}, not a file; never read",
-                                       _mtime(info)))
-    for exc in failed:
-        where = str(getattr(exc, "filename", None) or exc)
-        out.refused.append(Refused(where, posixpath.relpath(where, root) if where.startswith(root) else where,
-                                   "unlistable_folder", f"listing failed ({type(exc).__name__}: {exc}): "
-                                   "the files in it are unknown"))
+            out.refused.append(Refused(to_uri(path), rel, "not_a_regular_file",
+                                       f"listed as {kind!r}, not a file; never read", _mtime(info)))
+    for folder, exc in failed:
+        rel = posixpath.relpath(folder, root)
+        if not hidden(rel):
+            out.refused.append(Refused(to_uri(folder), rel, "unlistable_folder", f"folder cannot be listed "
+                                       f"({type(exc).__name__}: {exc}): the files in it are unknown"))
     return out
 
 

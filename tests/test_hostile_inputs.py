@@ -245,3 +245,31 @@ def test_the_content_decides_the_format_whatever_the_extension(tmp_path, root):
     assert images(root, "formats") == {"jpeg_as.png": "FR"}
     fmt = connect(root, fresh=True).execute("SELECT format FROM images WHERE dataset = 'formats'").fetchall()
     assert fmt == [("JPEG",)]
+
+
+def test_a_remote_listing_takes_its_files_and_reports_a_folder_it_cannot_list(monkeypatch):
+    """A filesystem listed folder by folder (SFTP, HDFS, ...: fsspec's generic walk) whose sub-folder
+    listing fails gives an `unlistable_folder` entry, not a silent gap; hidden entries are skipped."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from storage import sources
+
+    class Walking(MemoryFileSystem):  # the memory store, listed the generic way
+        protocol = "walkmem"
+        find = fsspec.AbstractFileSystem.find
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return MemoryFileSystem._strip_protocol(path.replace("walkmem://", "memory://", 1))
+
+        def ls(self, path, detail=True, **kw):
+            if path.rstrip("/").endswith("Spain"):
+                raise PermissionError(13, "Access Denied", path)
+            return super().ls(path, detail=detail, **kw)
+
+    fsspec.register_implementation("walkmem", Walking, clobber=True)
+    Walking().pipe({"/scan-test/France/a.jpg": b"a", "/scan-test/France/.hidden.jpg": b"h", "/scan-test/Spain/b.jpg": b"bb"})
+    found = sources.scan("walkmem://scan-test", skip_hidden=True)
+    assert [(f.rel, f.size) for f in found.files] == [("France/a.jpg", 1)]
+    assert [(r.reason, "Access Denied" in r.detail) for r in found.refused] == [("unlistable_folder", True)]
