@@ -5,6 +5,7 @@ Import this before `prefect`: Prefect reads its settings when it is first import
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -79,6 +80,16 @@ def _release_when_healthy(lock) -> None:
         lock.release()
 
 
+def _stop_reaper() -> None:
+    """At a normal exit Prefect has stopped its server already: end the reaper rather than leave it."""
+    if _reaper is not None and _reaper.poll() is None:
+        _reaper.terminate()
+        try:
+            _reaper.wait(2)
+        except subprocess.TimeoutExpired:
+            _reaper.kill()
+
+
 def _guard_temporary_server(event: str, args: tuple) -> None:
     """Audit hook on `subprocess.Popen`, for Prefect's temporary server (no PREFECT_API_URL set):
     - start flows/reaper.py, which stops that server once this process has died, even of SIGKILL
@@ -111,6 +122,7 @@ def _guard_temporary_server(event: str, args: tuple) -> None:
             _reaper = subprocess.Popen([sys.executable, "-I", "-S", str(REAPER), str(os.getpid())],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, start_new_session=True)
+            atexit.register(_stop_reaper)  # runs after Prefect's own stop of the server (registered later)
     except Exception:  # noqa: BLE001
         pass
 
