@@ -19,6 +19,7 @@ from flows.runner import RunnerSpec, retried, use_runner
 from flows.segment import segment_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
+from storage.publish import sweep_leftovers
 from tasks.check import gate, integrity_checks, integrity_markdown
 from tasks.demo_world.world import generate_demo_world
 from tasks.report import catalog_summary, summary_markdown
@@ -87,6 +88,9 @@ def build_feature_datasets(
     """
     log = get_run_logger()
     root = DataRoot.from_env(home)
+    swept = sweep_leftovers(root.url)  # temp files and folders of runs that died (kill -9, the OOM killer)
+    if swept:
+        log.info("removed %d leftover(s) of writers that died: %s", len(swept), ", ".join(swept[:5]))
     specs = list(sources or [])
     if demo is not None:
         world = generate_demo_world_task(demo.out or root.path("demo-world"), demo)

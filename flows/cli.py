@@ -592,25 +592,90 @@ def predict(
         raise typer.Exit(1)
 
 
+SIZE = r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$"  # a DuckDB size: 512MB, 2GB, 1.5GiB
+
+
+def _json_value(value):
+    """A value as JSON can hold it: bytes as base64, times as ISO 8601, nested values recursively."""
+    import base64
+    import math
+    from datetime import date, datetime, time, timedelta
+    from decimal import Decimal
+
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (Decimal, timedelta)) or not isinstance(value, (str, int, float, bool, type(None))):
+        return str(value)
+    return value
+
+
+def _write_rows(table, fmt: str) -> None:
+    """`geofeat sql` output. Every format takes every column type: csv writes a nested value (list,
+    struct, map: `bbox`, `crop`) as JSON text and bytes as base64, json the same inside its rows."""
+    if fmt == "table":
+        _print_table(table)
+        return
+    rows = [{k: _json_value(v) for k, v in row.items()} for row in table.to_pylist()]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return
+    import csv
+
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(table.column_names)
+    for row in rows:
+        out.writerow(["" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v for v in row.values()])
+
+
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="one SELECT over images, quarantine, ..."),
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="seconds the query may run, fetching "
+                                            "included (default 60; 0: no limit)"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="DuckDB memory limit, e.g. 4GB "
+                                               "(default 2GB); larger sorts and joins spill to the data root's _tmp/"),
+    temp_limit: Optional[str] = typer.Option(None, "--temp-limit", help="how much the query may spill to disk "
+                                             "(default 8GB)"),
+    max_rows: int = typer.Option(10_000, "--max-rows", min=0, help="rows printed (0: all); a longer result is "
+                                 "cut, and said so on stderr"),
 ):
-    """Run one read-only SQL query over the catalog (writes and file access are refused)."""
-    from storage.catalog import QueryRefused
-    from storage.catalog import query as run_query
+    """Run one read-only SQL query over the catalog (writes and file access are refused), bounded in
+    time, memory and spill space."""
+    import re
+
+    from storage.catalog import QueryRefused, QueryTimeout, QueryTooLarge, SqlLimits, run_query
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format must be table, csv or json, not {format!r}")
+    for flag, value in (("--memory-limit", memory_limit), ("--temp-limit", temp_limit)):
+        if value is not None and not re.match(SIZE, value, re.IGNORECASE):
+            _fail(f"{flag} must be a size such as 512MB or 4GB, not {value!r}")
+    defaults = SqlLimits()
+    limits = SqlLimits(timeout_s=defaults.timeout_s if timeout is None else (timeout or None),
+                       memory_limit=memory_limit or defaults.memory_limit, temp_limit=temp_limit or defaults.temp_limit,
+                       max_rows=max_rows or None)
     root = _root()
     try:
-        table = run_query(root, query)
+        result = run_query(root, query, limits=limits)
     except QueryRefused as exc:
         _fail(f"query refused: {exc}")
+    except (QueryTimeout, QueryTooLarge) as exc:
+        _fail(str(exc))
     except Exception as exc:  # duckdb errors: bad SQL, unknown column, ...
         _fail(f"{type(exc).__name__}: {exc}")
-    _print_table(table, format)
+    _write_rows(result.table, format)
+    if result.truncated:
+        typer.secho(f"(the first {max_rows} rows; the result has more: --max-rows N, or 0 for all)", err=True,
+                    fg="yellow")
 
 
 @app.command()

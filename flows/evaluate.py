@@ -27,7 +27,7 @@ from tasks.specs import EvalSpec
 
 @task(name="evaluate", **retried(2))
 def evaluate_task(home: str, spec: EvalSpec) -> dict:
-    with gpu_slot():
+    with gpu_slot(home):
         return stage.evaluate(DataRoot(home), spec)
 
 

@@ -14,7 +14,7 @@ from prefect.logging import get_run_logger
 
 from flows.names import artifact_key, ingest_run_name, ingest_shard_name, plan_ingest_name
 from flows.progress import advance_as_completed
-from flows.runner import RunnerSpec, retried, use_runner
+from flows.runner import RunnerSpec, retried, stage_lock, use_runner
 from storage import sources
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
@@ -65,29 +65,31 @@ def ingest_source(root: DataRoot, source: SourceSpec, options: IngestOptions, fi
     of Prefect flow-run overhead per source)."""
     log = get_run_logger()
     check_source(source, field)
-    if options.mode == "overwrite":
-        log.info("overwrite: dropped %d shard(s) of %s", stage.drop_dataset(root, source.dataset), source.dataset)
-    params = {
-        "dataset": source.dataset,
-        "layout": source.layout,
-        "split": source.resolved_split().model_dump(),
-        "max_pixels": options.max_pixels,
-        "max_bytes": options.max_bytes,
-    }
-    plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params, options.shard_size)
-    started = datetime.now(timezone.utc)
-    with progress.scope("ingest", source.dataset, total=sum(len(p.candidates) + len(p.rejected) for p in plans),
-                        unit="files") as bar:
-        futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
-        advance_as_completed(bar, futures, [len(p.candidates) + len(p.rejected) for p in plans])
-    results = [f.result() for f in futures]  # raises if a shard failed after its retries
-    refresh_catalog(root)
+    # One ingest of a dataset at a time: a second build waits, then finds it all committed.
+    with stage_lock(root, f"ingest-{source.dataset}", f"the ingest of dataset {source.dataset!r}"):
+        if options.mode == "overwrite":
+            log.info("overwrite: dropped %d shard(s) of %s", stage.drop_dataset(root, source.dataset), source.dataset)
+        params = {
+            "dataset": source.dataset,
+            "layout": source.layout,
+            "split": source.resolved_split().model_dump(),
+            "max_pixels": options.max_pixels,
+            "max_bytes": options.max_bytes,
+        }
+        plans, warnings = plan_ingest_task(root.url, source.layout, source.source, source.images, params,
+                                           options.shard_size)
+        started = datetime.now(timezone.utc)
+        with progress.scope("ingest", source.dataset, total=sum(len(p.candidates) + len(p.rejected) for p in plans),
+                            unit="files") as bar:
+            futures = ingest_shard_task.map(unmapped(root.url), plans, unmapped(started))
+            advance_as_completed(bar, futures, [len(p.candidates) + len(p.rejected) for p in plans])
+        results = [f.result() for f in futures]  # raises if a shard failed after its retries
+        refresh_catalog(root)
     summary = {
         "dataset": source.dataset,
         "shards": len(plans),
         "shards_cached": sum(r["cached"] for r in results),
-        "images": sum(r["images"] for r in results),
-        "quarantined": sum(r["quarantined"] for r in results),
+        **stage.run_counts(root, source.dataset, started),  # as the views show them: copies are duplicates
         "warnings": warnings,
     }
     create_table_artifact([{k: v for k, v in summary.items() if k != "warnings"}],

@@ -11,7 +11,9 @@ stay as they are, and the thread path does nothing at all.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,10 +22,12 @@ from urllib.parse import urlparse
 
 from prefect.cache_policies import NO_CACHE
 from prefect.client.base import ServerType
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from pydantic import Field, model_validator
 
+from storage.layout import DataRoot
+from storage.locks import held, lock_path
 from storage.shards import is_transient
 from tasks.specs import Spec
 
@@ -78,36 +82,55 @@ def retried(retries: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the gpu slot
 
-# Global concurrency limit held by a GPU stage (segmentation, training, evaluation) while it runs, so
-# two flows never share a GPU. Held per stage, not per shard task: in Prefect 3.9 a slot acquired
-# inside a task costs ~2 s (lease-renewal thread join), measured in benchmarks/segment_throughput.py.
-GPU_LIMIT = "gpu"
+# The `gpu` slot: held by a GPU stage (segmentation, training, evaluation) while it runs, so two runs
+# on one data root never share a GPU. It is a file lock (storage/locks.py: flock on
+# <data root>/_locks/gpu.lock), not a Prefect global concurrency limit: a slot's lease lived in the
+# temporary server's memory, so a run killed with -9 left `gpu` held in prefect.db forever and every
+# later run hung without a word. The kernel drops a flock with its process, whatever killed it, and
+# taking it costs microseconds (a Prefect slot taken inside a task cost ~2 s). Waiting runs log who
+# holds it every GPU_WAIT_LOG_S seconds. $GEOFEAT_GPU_SLOTS (default 1) gives one slot per GPU, for a
+# machine (or a Dask cluster on a shared local root) with several; Dask's `GPU` resources still
+# decide which worker runs a task.
+GPU_LOCK = "gpu"
+GPU_WAIT_LOG_S = 30.0  # s between "waiting for the GPU" lines
+ENV_GPU_SLOTS = "GEOFEAT_GPU_SLOTS"
 
 
-def ensure_gpu_limit(slots: int = 1) -> None:
-    """Create the `gpu` global concurrency limit if it does not exist yet."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
-            except ObjectAlreadyExists:
-                pass
+def gpu_slots(value: str | None = None) -> int:
+    """How many GPU stages may run at once on a data root: `value`, else $GEOFEAT_GPU_SLOTS, else 1."""
+    value = value if value is not None else os.environ.get(ENV_GPU_SLOTS, "")
+    if not value.strip():
+        return 1
+    if not value.strip().isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"{ENV_GPU_SLOTS}={value!r}: give the number of GPUs, 1 to 64")
+    return int(value)
 
 
 @contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Hold the `gpu` slot for the block (other GPU stages wait for it)."""
-    from prefect.concurrency.sync import concurrency
-
-    ensure_gpu_limit()
-    with concurrency(GPU_LIMIT, occupy=1):
+def stage_lock(root: DataRoot | str | None, name: str, what: str, every: float = GPU_WAIT_LOG_S,
+               slots: int = 1) -> Iterator[None]:
+    """Hold the lock `name` of `root` (a DataRoot or its URL; default: $GEOFEAT_HOME), or one of its
+    `slots`, for the block. A run that has to wait logs, every `every` seconds, who holds it and the
+    way out."""
+    root = root if isinstance(root, DataRoot) else DataRoot.from_env(root)
+    ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
+    run = f"flow run {ctx.flow_run.name!r} ({ctx.flow.name})" if ctx is not None and ctx.flow_run else "a run"
+    if task_ctx is not None:
+        run += f", task {task_ctx.task_run.name!r}"
+    try:
+        logger = get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run: plain logging
+        logger = logging.getLogger(__name__)
+    name = re.sub(r"[^\w.-]", "_", name)
+    paths = [lock_path(root, name if i == 0 else f"{name}-{i}") for i in range(slots)]
+    with held(paths, f"{what} of data root {root.url}", by=run, log=logger, every=every):
         yield
+
+
+def gpu_slot(root: DataRoot | str | None = None, every: float = GPU_WAIT_LOG_S):
+    """Hold a `gpu` slot of `root` for the block ($GEOFEAT_GPU_SLOTS of them, default 1); other GPU
+    stages on the same root wait for one."""
+    return stage_lock(root, GPU_LOCK, "the `gpu` slot", every, slots=gpu_slots())
 
 
 # ---------------------------------------------------------------- the runner
@@ -135,7 +158,7 @@ class RunnerSpec(Spec):
     threads_per_worker: int = Field(1, ge=1, description="LocalCluster threads per worker process")
     worker_resources: dict[str, float] | None = Field(
         None, description="resources every LocalCluster worker offers; default {<gpu_resource>: <gpu_amount>}: "
-        "local workers share this machine's GPU (the `gpu` concurrency slot still guards it)")
+        "local workers share this machine's GPU (the `gpu` slot, a file lock, still guards it)")
     gpu_resource: str | None = Field("GPU", pattern=r"^[A-Za-z_][\w.-]*$", description="Dask resource that "
                                      "segmentation and training tasks need; null: they run on any worker")
     gpu_amount: float = Field(1, gt=0, description="how much of gpu_resource one such task takes")

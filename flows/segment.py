@@ -67,14 +67,8 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
     segmenter_id = stage.segmenter_id(spec, crops)
     if spec.kind == "tiny-random":
         log.warning("segmenter %s is an UNTRAINED random-init Mask2Former: its crops are NOT meaningful", segmenter_id)
-    clock = time.perf_counter()
-    plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
-    timings = {"plan_s": time.perf_counter() - clock}
-    log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
-    bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images")
-    bar.emit()
-    sizes = {p.shard_id: len(p.images) for p in plans}
-    results = []
+    bar = None
+    results, sizes = [], {}
 
     def finished(future) -> None:
         try:
@@ -84,27 +78,37 @@ def segment_datasets(root: DataRoot, names: list[str], spec: SegmenterSpec, crop
             raise
         bar.advance(sizes.get(results[-1]["shard_id"], 0))
 
-    # The stage holds the global `gpu` slot while it runs (other GPU flows wait) and keeps
-    # `run.concurrent_shards` shard tasks in flight. They feed this process's one streaming
-    # pipeline (tasks/segment_stream.py): while a shard commits in the background the next one is
-    # already being read and segmented. On Dask each GPU worker streams the shards it gets. With
-    # nothing to segment (a no-op rerun) neither the slot nor the model is touched.
-    clock = time.perf_counter()
-    if plans:
-        active = []
-        try:
-            with gpu_slot(), gpu_tasks():
-                for plan in plans:
-                    if len(active) >= run.concurrent_shards:
-                        done = next(as_completed(active))
-                        active.remove(done)
+    # The stage holds the `gpu` slot (a file lock on the data root, flows/runner.py) while it plans
+    # and runs: a plan made while another run still segments would give the same images other shard
+    # ids and segment them twice (the lock costs under a millisecond, so a no-op rerun pays nothing
+    # for it). It keeps `run.concurrent_shards` shard tasks in flight. They feed this process's one
+    # streaming pipeline (tasks/segment_stream.py): while a shard commits in the background the next
+    # one is already being read and segmented. On Dask each GPU worker streams the shards it gets.
+    # With nothing to segment (a no-op rerun) the model and the readers are never started.
+    with gpu_slot(root):
+        clock = time.perf_counter()
+        plans = [p for name in names for p in plan_segment_task(root.url, name, segmenter_id, run.shard_size)]
+        timings = {"plan_s": time.perf_counter() - clock}
+        log.info("segmenter %s: %d shard(s) of new images in %s", segmenter_id, len(plans), names)
+        bar = progress.Scope("segment", datasets_label(names), total=sum(len(p.images) for p in plans), unit="images")
+        bar.emit()
+        sizes = {p.shard_id: len(p.images) for p in plans}
+        clock = time.perf_counter()
+        if plans:
+            active = []
+            try:
+                with gpu_tasks():
+                    for plan in plans:
+                        if len(active) >= run.concurrent_shards:
+                            done = next(as_completed(active))
+                            active.remove(done)
+                            finished(done)
+                        active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
+                    for done in as_completed(active):
                         finished(done)
-                    active.append(segment_shard_task.submit(root.url, plan, spec, crops, run))
-                for done in as_completed(active):
-                    finished(done)
-        finally:
-            stage.close_streams()  # the reader processes end with the stage run
-    timings["segment_s"] = time.perf_counter() - clock
+            finally:
+                stage.close_streams()  # the reader processes end with the stage run
+        timings["segment_s"] = time.perf_counter() - clock
     bar.finish()
     clock = time.perf_counter()
     refresh_catalog(root)

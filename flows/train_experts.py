@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 
 from flows.names import artifact_key, baselines_name, datasets_label, train_expert_name, train_run_name
 from flows.progress import advance_as_completed
-from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, use_runner
+from flows.runner import RunnerSpec, gpu_slot, gpu_tasks, retried, stage_lock, use_runner
 from flows.segment import catalog_datasets
 from storage.catalog import refresh_catalog
 from storage.layout import DataRoot
@@ -33,7 +33,7 @@ def baselines_task(home: str, plan: baselines.BaselinePlan, segmenter_id: str) -
 def train_experts_task(home: str, spec: TrainSpec, group: str, segmenter_id: str) -> dict:
     """Waits for the `gpu` slot (shared with segmentation), then trains one group's expert. A retry or
     a rerun resumes from `last/`; the commit record is the cache, as for shards."""
-    with gpu_slot():
+    with gpu_slot(home):
         return stage.train_expert(DataRoot(home), spec, group, segmenter_id)
 
 
@@ -64,7 +64,8 @@ def train_experts(spec: TrainSpec = TrainSpec(), home: str | None = None, runner
     kinds = (["image"] if spec.baseline else []) + (["random"] if spec.random_crops else [])
     groups = list(spec.groups) + kinds
     with use_runner(runner):
-        made = ensure_baselines(root, kinds, datasets, segmenter_id, spec.baseline_shard_size)
+        with stage_lock(root, "baselines", "the baseline crops"):  # planned and made by one run at a time
+            made = ensure_baselines(root, kinds, datasets, segmenter_id, spec.baseline_shard_size)
         with gpu_tasks():
             futures = [train_experts_task.submit(root.url, spec, g, segmenter_id) for g in groups]
         results = [f.result() for f in futures]

@@ -11,7 +11,10 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
+import threading
 import uuid
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
@@ -19,7 +22,9 @@ import pyarrow.parquet as pq
 
 from storage.layout import DataRoot
 from storage.schema import TABLES
+from storage.publish import temp_name
 from storage.shards import atomic_write, read_commits, retry_io
+from storage.sources import url_fs
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,10 @@ SPLIT_RANK = "CASE split WHEN 'test' THEN 3 WHEN 'val' THEN 2 ELSE 1 END"
 #   changed replaces its old row, ranked among the copies of the same bytes;
 # - `images`: the first copy per (dataset, image_id), with one split per image_id across all
 #   datasets (test > val > train), so the same bytes never sit in two splits;
-# - `quarantine`: what a stage refused (minus ingest refusals since ingested after all), plus
-#   later copies of the same bytes in one dataset, as `duplicate`;
+# - `quarantine`: what a stage refused (for ingest: the latest refusal per file, minus files
+#   ingested after all, and minus unlistable folders whose files were ingested since), plus later
+#   copies of the same bytes in one dataset, as `duplicate` (or `duplicate_conflicting_label`
+#   when the copies' countries differ: the first copy's label is used, and the detail names both);
 # - `features`: crops whose image is in `images`, taking split and country from the image;
 # - `segmentations`: the latest outcome per (segmenter, dataset, image);
 # - `experts`: the expert registry (flow `train-experts`); `predictions` / `metrics`: flow `evaluate`.
@@ -43,6 +50,7 @@ WITH latest AS (
 SELECT *,
   row_number() OVER (PARTITION BY dataset, image_id ORDER BY ingested_at, source_uri) AS copy_rank,
   first_value(source_uri) OVER (PARTITION BY dataset, image_id ORDER BY ingested_at, source_uri) AS first_uri,
+  first_value(country) OVER (PARTITION BY dataset, image_id ORDER BY ingested_at, source_uri) AS first_country,
   max({SPLIT_RANK}) OVER (PARTITION BY image_id) AS split_rank
 FROM latest;
 
@@ -54,12 +62,24 @@ SELECT image_id, dataset,
 FROM image_copies WHERE copy_rank = 1;
 
 CREATE OR REPLACE VIEW quarantine AS
-SELECT source_uri, dataset, stage, reason, detail, seen_at FROM quarantine_all q
-WHERE stage <> 'ingest' OR NOT EXISTS (
-  SELECT 1 FROM images_all i WHERE i.dataset = q.dataset AND i.source_uri = q.source_uri AND i.ingested_at > q.seen_at)
+WITH refused AS (
+  SELECT * FROM quarantine_all
+  QUALIFY stage <> 'ingest'
+    OR row_number() OVER (PARTITION BY dataset, stage, source_uri ORDER BY seen_at DESC, reason, detail) = 1)
+SELECT source_uri, dataset, stage, reason, detail, seen_at FROM refused q
+WHERE stage <> 'ingest' OR (NOT EXISTS (
+    SELECT 1 FROM images_all i WHERE i.dataset = q.dataset AND i.source_uri = q.source_uri AND i.ingested_at > q.seen_at)
+  AND NOT (q.reason = 'unlistable_folder' AND EXISTS (
+    SELECT 1 FROM images_all i WHERE i.dataset = q.dataset AND starts_with(i.source_uri, q.source_uri || '/')
+      AND i.ingested_at > q.seen_at)))
 UNION ALL
-SELECT source_uri, dataset, 'ingest' AS stage, 'duplicate' AS reason,
-  'same bytes as ' || first_uri || ' (image_id ' || image_id || ')' AS detail, ingested_at AS seen_at
+SELECT source_uri, dataset, 'ingest' AS stage,
+  CASE WHEN country = first_country THEN 'duplicate' ELSE 'duplicate_conflicting_label' END AS reason,
+  'same bytes as ' || first_uri || ' (image_id ' || image_id || ')'
+    || CASE WHEN country = first_country THEN ''
+       ELSE ', labelled ' || first_country || ' there and ' || country || ' here; the image keeps ' || first_country END
+    AS detail,
+  ingested_at AS seen_at
 FROM image_copies WHERE copy_rank > 1;
 
 CREATE OR REPLACE VIEW features AS
@@ -91,6 +111,49 @@ META_COLUMNS = ('feature_id, image_id, dataset, split, country, label, "group", 
                 "crop_width, crop_height, segmenter, untrained, created_at, filename")
 META_QUERY = f'SELECT {META_COLUMNS} FROM features ORDER BY segmenter, dataset, "group", country, feature_id'
 INDEX_DIR = "_index"
+ROOT_LINE = "-- Data root: "  # catalog.sql names the root its paths are under
+
+
+TMP_DIR = "_tmp"  # DuckDB's spill folders under the data root, one per connection, swept when dead
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    """Bounds of one `geofeat sql` query; DuckDB's own defaults (80% of RAM, spilling up to 90% of
+    the disk into ./.tmp, no time limit) are not sane for an interactive command."""
+
+    timeout_s: float | None = 60.0  # s for the query, fetch included; None: no limit
+    memory_limit: str = "2GB"  # DuckDB memory_limit; larger sorts and joins spill to temp_limit
+    temp_limit: str = "8GB"  # DuckDB max_temp_directory_size, in the data root's _tmp/
+    max_rows: int | None = None  # rows fetched; the CLI sets it (a result bigger than that is cut)
+
+
+class QueryTimeout(RuntimeError):
+    """A query ran past its time limit and was interrupted."""
+
+
+class QueryTooLarge(RuntimeError):
+    """A query needed more memory (and spill space) than its limits allow."""
+
+
+def temp_dir(root: DataRoot) -> str:
+    """A fresh spill folder for one DuckDB connection: under the data root's `_tmp/` (a remote
+    root: the system temp folder), named after this process, so a killed process's is swept.
+    DuckDB creates it on the first spill and removes it when the connection closes."""
+    if root.is_local:
+        base = posixpath.join(url_fs(root.url)[1], TMP_DIR)
+    else:
+        base = os.path.join(tempfile.gettempdir(), "geofeat-duckdb")
+    os.makedirs(base, exist_ok=True)
+    return temp_name(posixpath.join(base, "duckdb"))
+
+
+def _duckdb(root: DataRoot) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection that never installs or loads an extension (offline that fails, and a
+    remote root is read through the registered fsspec filesystem, never httpfs) and spills under
+    the data root, never into the current folder."""
+    return duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                  "temp_directory": temp_dir(root)})
 
 
 def _sql_str(value: str) -> str:
@@ -129,7 +192,7 @@ def catalog_sql(root: DataRoot, *, index: bool = False) -> str:
     lines = [
         "-- geofeat catalog: DuckDB views over committed Parquet shards.",
         "-- Generated by `geofeat refresh` / every flow run; do not edit.",
-        f"-- Data root: {root.url}",
+        f"{ROOT_LINE}{root.url}",
     ]
     for table in TABLES:
         paths = [root.schema_path(table), *sorted(files[table])]
@@ -151,7 +214,7 @@ def _write_feature_meta(root: DataRoot) -> None:
     path = meta_path(root)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     retry_io(root.fs.makedirs, posixpath.dirname(path), exist_ok=True, what=f"prepare {path}")
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con = _duckdb(root)
     try:
         if not root.is_local:
             con.register_filesystem(root.fs)
@@ -233,24 +296,29 @@ def _duckdb_fs(root: DataRoot, read_only: bool):
     return fs
 
 
-def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(root: DataRoot, *, read_only: bool = False, fresh: bool = False,
+            limits: SqlLimits | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the catalog views.
 
     `fresh` builds the views from the completion records now (for planners: nothing is
     written); otherwise from catalog.sql. With read_only, the database itself is locked
     down: file access only under the catalog's table folders, no extension install/load,
     and the configuration locked. On a remote root the same settings hold for the
-    registered fsspec filesystem (docs/object-storage.md).
+    registered fsspec filesystem (docs/object-storage.md). `limits` bounds its memory and
+    spill space (set before the configuration is locked).
     """
     if fresh:
         _write_schema_files(root)
         sql = catalog_sql(root)
     else:
         data = _read(root, root.catalog_sql)
-        sql = refresh_catalog(root) if data is None else data.decode()
-    # Never install or load an extension: offline that fails, and a remote root is read through
-    # the registered fsspec filesystem, never httpfs (parquet, json and icu are built in).
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        sql = None if data is None else data.decode()
+        if sql is None or f"\n{ROOT_LINE}{root.url}\n" not in sql[:4096]:
+            sql = refresh_catalog(root)  # none yet, or written for a root since moved or copied here
+    con = _duckdb(root)
+    if limits is not None:
+        con.execute("SET memory_limit = ?", [limits.memory_limit])
+        con.execute("SET max_temp_directory_size = ?", [limits.temp_limit])
     if not root.is_local:
         con.register_filesystem(_duckdb_fs(root, read_only))
     con.execute(sql)
@@ -346,13 +414,49 @@ def check_read_only(sql: str) -> str:
     return sql
 
 
-def query(root: DataRoot, sql: str, params: list | None = None) -> pa.Table:
-    """Run one read-only query over the catalog and return an Arrow table."""
+@dataclass(frozen=True)
+class QueryResult:
+    table: pa.Table
+    truncated: bool  # the query had more than limits.max_rows rows; `table` holds the first ones
+
+
+def run_query(root: DataRoot, sql: str, params: list | None = None, limits: SqlLimits = SqlLimits()) -> QueryResult:
+    """Run one read-only query over the catalog within `limits`: interrupted after timeout_s
+    (DuckDB's interrupt, from a timer thread), within memory_limit and temp_limit, and cut after
+    max_rows rows (streamed, so a huge result is never held whole)."""
     check_read_only(sql)
-    con = connect(root, read_only=True)
+    con = connect(root, read_only=True, limits=limits)
+    timer = None
+    if limits.timeout_s is not None:
+        timer = threading.Timer(limits.timeout_s, con.interrupt)
+        timer.daemon = True
+        timer.start()
     try:
-        return con.sql(sql, params=params).to_arrow_table()
+        reader = con.sql(sql, params=params).to_arrow_reader()
+        batches, rows, truncated = [], 0, False
+        for batch in reader:
+            if limits.max_rows is not None and rows + batch.num_rows > limits.max_rows:
+                batches.append(batch.slice(0, limits.max_rows - rows))
+                truncated = True
+                break
+            batches.append(batch)
+            rows += batch.num_rows
+        return QueryResult(pa.Table.from_batches(batches, schema=reader.schema), truncated)
+    except duckdb.InterruptException as exc:
+        raise QueryTimeout(f"the query ran longer than {limits.timeout_s:g} s and was stopped; narrow it "
+                           "or raise the time limit (geofeat sql --timeout SECONDS)") from exc
+    except duckdb.OutOfMemoryException as exc:
+        raise QueryTooLarge(f"the query needs more than memory_limit={limits.memory_limit} and "
+                            f"temp_limit={limits.temp_limit} of spill space; narrow it or raise the limit "
+                            f"(geofeat sql --memory-limit 8GB). DuckDB: {str(exc).splitlines()[0]}") from exc
     except duckdb.PermissionException as exc:
         raise QueryRefused(f"refused by the read-only catalog: {exc}") from exc
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
+
+
+def query(root: DataRoot, sql: str, params: list | None = None, limits: SqlLimits = SqlLimits()) -> pa.Table:
+    """Run one read-only query over the catalog (time and memory bounded) and return an Arrow table."""
+    return run_query(root, sql, params, limits).table

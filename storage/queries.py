@@ -59,6 +59,34 @@ INTEGRITY_SQL = {
         GROUP BY ALL ORDER BY ALL""",
         "(table, dataset, image) groups whose image is not in `images` (re-ingested with new bytes, "
         "or its dataset dropped)"),
+    "no duplicate rows": ("""
+        SELECT tbl, "key", n_rows FROM (
+          SELECT 'images' AS tbl, dataset || ' ' || source_uri AS "key", count(*) AS n_rows FROM images_all
+            GROUP BY dataset, source_uri, size_bytes, source_mtime HAVING count(*) > 1
+          UNION ALL SELECT 'quarantine', dataset || ' ' || source_uri, count(*) FROM quarantine_all
+            WHERE stage = 'ingest' GROUP BY dataset, source_uri, size_bytes, source_mtime HAVING count(*) > 1
+          UNION ALL SELECT 'quarantine', dataset || ' ' || stage || ' ' || source_uri || ' ' || reason, count(*)
+            FROM quarantine_all WHERE stage <> 'ingest'
+            GROUP BY dataset, stage, source_uri, reason, detail HAVING count(*) > 1
+          UNION ALL SELECT 'features', feature_id, count(*) FROM features_all GROUP BY feature_id HAVING count(*) > 1
+          UNION ALL SELECT 'segmentations', segmenter || ' ' || dataset || ' ' || image_id, count(*)
+            FROM segmentations_all WHERE status <> 'error'
+            GROUP BY segmenter, dataset, image_id HAVING count(*) > 1
+          UNION ALL SELECT 'experts', expert_id, count(*) FROM experts_all GROUP BY expert_id HAVING count(*) > 1
+          UNION ALL SELECT 'predictions', eval_id || ' ' || dataset || ' ' || image_id || ' ' || method, count(*)
+            FROM predictions_all GROUP BY eval_id, dataset, image_id, method HAVING count(*) > 1
+          UNION ALL SELECT 'metrics', eval_id || ' ' || dataset || ' ' || method || ' ' || metric, count(*)
+            FROM metrics_all GROUP BY eval_id, dataset, method, metric HAVING count(*) > 1) t
+        ORDER BY 1, 2""",
+        "rows written more than once (by each table's key: the same input file as it was, the same refusal, "
+        "crop, segmentation outcome, expert, prediction or metric): two runs did the same work, and counts "
+        "and training would see it twice"),
+    "copies of an image agree on its country": ("""
+        SELECT image_id, list(DISTINCT country ORDER BY country) AS countries,
+               list(dataset || ':' || country || ':' || source_uri ORDER BY dataset, source_uri) AS copies
+        FROM image_copies GROUP BY image_id HAVING count(DISTINCT country) > 1 ORDER BY image_id""",
+        "images whose copies (the same bytes, in one dataset or several) carry different countries: the label "
+        "of at least one is wrong; the first copy's is used in its dataset"),
     "quarantine reasons are known": ("""
         SELECT reason, stage, count(*) AS n_rows FROM quarantine_all
         WHERE NOT list_contains(?, reason) GROUP BY ALL ORDER BY ALL""",
@@ -126,6 +154,15 @@ class Catalog:
             "UNION ALL SELECT source_uri, size_bytes, source_mtime FROM quarantine_all WHERE dataset = ?",
             [dataset, dataset]).fetchall()
         return {tuple(r) for r in rows}
+
+    def ingested_in_run(self, dataset: str, ingested_at) -> dict[str, int]:
+        """What one ingest run added to the views: images (first copies) and quarantine rows
+        (refusals and later copies), both stamped with the run's start."""
+        images, quarantined = self.con.execute(
+            "SELECT (SELECT count(*) FROM images WHERE dataset = ? AND ingested_at = ?), "
+            "(SELECT count(*) FROM quarantine WHERE dataset = ? AND stage = 'ingest' AND seen_at = ?)",
+            [dataset, ingested_at, dataset, ingested_at]).fetchone()
+        return {"images": images, "quarantined": quarantined}
 
     def unsegmented_images(self, dataset: str, segmenter_id: str) -> list[tuple]:
         """(image_id, dataset, split, country, source_uri) of images this segmenter has not segmented

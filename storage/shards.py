@@ -36,17 +36,28 @@ ROW_GROUP_SIZE = 128 * 1024  # rows; metadata tables are narrow, so large groups
 IO_ATTEMPTS = 5  # tries per storage operation
 IO_BACKOFF_S = (0.05, 2.0)  # first delay, cap; doubled after each failed try (with jitter)
 
-# Not transient: retrying cannot make a missing file appear, fix a permission or free a disk.
+# Transient: an I/O fault or a network/store hiccup that a retry may get past. Anything else an
+# OSError can say (a missing file, a permission, a full disk, a symlink loop, a FIFO or device where
+# a file was expected, a bad argument) is permanent: retrying it only hangs or fails a whole shard.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET,
+                    errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH,
+                    errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ESTALE, errno.ENOBUFS,
+                    *(e for e in (getattr(errno, "EREMOTEIO", None), getattr(errno, "ECOMM", None)) if e)}
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                        FileExistsError)
-PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A transient I/O error (network, timeout, flaky store) that a retry may get past."""
-    if isinstance(exc, PERMANENT_OS_ERRORS) or getattr(exc, "errno", None) in PERMANENT_ERRNOS:
+    """A transient I/O error (network, timeout, flaky store) that a retry may get past.
+
+    TimeoutError and ConnectionError are; an OSError is when its errno is an I/O or network fault
+    (TRANSIENT_ERRNOS), or when it has no errno at all (object-store clients raise those for
+    failed requests). ELOOP, ENXIO, EINVAL, ENOSPC, ... are not."""
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if not isinstance(exc, OSError) or isinstance(exc, PERMANENT_OS_ERRORS):
         return False
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    return exc.errno is None or exc.errno in TRANSIENT_ERRNOS
 
 
 def retry_io(op, *args, what: str, **kwargs):

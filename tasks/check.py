@@ -2,10 +2,13 @@
 
 Each property is a named `Check` (pass/fail, a detail line, up to SHOW offending rows):
 - files: every Parquet file under a table folder is listed by a completion record, and every
-  listed file exists (a missing one breaks every view);
+  listed file exists (a missing one breaks every view); no temp files or folders of dead writers
+  remain anywhere under the root (a build sweeps them first);
 - one split per image (the `images` view's promise), and images shared across datasets (info);
 - crops carry their image's split and country (a stale crop file misleads raw-Parquet readers);
 - no features / segmentations / predictions rows without their image;
+- no duplicate rows in any table (two runs that did the same work), and copies of an image (the
+  same bytes) agree on its country;
 - known quarantine reasons; registered experts whose checkpoint still exists.
 """
 
@@ -17,6 +20,7 @@ import pyarrow as pa
 
 from storage import sources
 from storage.layout import DataRoot
+from storage.publish import leftovers
 from storage.queries import SHOW, catalog
 from storage.schema import TABLES
 from storage.shards import audit_files
@@ -51,6 +55,20 @@ def file_checks(root: DataRoot) -> list[Check]:
     ]
 
 
+def leftover_check(root: DataRoot) -> Check:
+    """Temp files and folders under the root: a dead writer's are leftovers (a build sweeps them
+    when it starts), a running writer's are work in progress."""
+    found = leftovers(root.url)
+    dead = [t for t in found if not t.alive]
+    busy = len(found) - len(dead)
+    detail = (f"{len(dead)} temp file(s) or folder(s) of writers that died (a killed run): the views never "
+              "read them; the next build removes them, or delete them" if dead else "none")
+    if busy:
+        detail += f"; {busy} of running writers (work in progress)"
+    rows = [{"path": t.path, "pid": str(t.pid), "age_s": "" if t.age_s is None else f"{t.age_s:.0f}"} for t in dead]
+    return Check("no leftovers of dead writers", not dead, detail, _listed_table(rows, ["path", "pid", "age_s"]))
+
+
 def sql_checks(root: DataRoot) -> list[Check]:
     """The checks that need the views (built fresh from the completion records)."""
     try:
@@ -73,14 +91,15 @@ def sql_checks(root: DataRoot) -> list[Check]:
 
 def integrity_checks(root: DataRoot) -> list[Check]:
     """Every integrity property of the catalog under `root`, passing or not."""
-    return file_checks(root) + sql_checks(root)
+    return file_checks(root) + [leftover_check(root)] + sql_checks(root)
 
 
 # Failures a build cannot cause and cannot repair: the gate logs them (and `geofeat check` fails on
 # them) but does not fail the build. A stale crop split means experts trained before an image moved
-# to test saw it: retrain. Rows without an image are dead data the views already hide.
+# to test saw it: retrain. Rows without an image are dead data the views already hide. Copies with
+# different countries are a labelling problem of the sources. Leftovers are invisible to the views.
 GATE_WARNS = {"crops carry their image's split and country", "no rows without their image",
-              "expert checkpoints exist"}
+              "expert checkpoints exist", "copies of an image agree on its country", "no leftovers of dead writers"}
 
 
 def gate(root: DataRoot, checks: list[Check] | None = None) -> list[Check]:

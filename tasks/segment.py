@@ -35,7 +35,7 @@ from storage.shards import is_committed, read_commits, shard_id
 from tasks.segment_stream import BatchSegmenter, SegmentStream, feature_id, stream_stats
 from tasks.segment_worker import (MAX_ASPECT, MIN_SIDE, crop_box, cut_crop, encode, overlay_rows, read_frame,
                                   select_segments)
-from tasks.specs import CropSpec, RunOptions, SegmenterSpec
+from tasks.specs import AnnotationSource, CropSpec, RunOptions, SegmenterSpec
 from tasks.validate import BadInput
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,27 @@ SEGMENT_VERSION = "1"  # bump when crops change for the same inputs and paramete
 # ---------------------------------------------------------------- identity
 
 
+def _annotations_identity(name: str, source: AnnotationSource) -> dict[str, str]:
+    """What decides an annotation source's masks, wherever it lies: the sha256 of its panoptic JSON
+    (segments, categories, boxes) and its PNG folder and image root relative to the JSON's folder.
+    Never an absolute path: a data root moved or copied elsewhere keeps its segmenter ids."""
+    field = f"segmenter.annotations.{name}.panoptic_json"
+    try:
+        digest = hashlib.sha256(sources.read_bytes(source.panoptic_json)).hexdigest()
+    except FileNotFoundError:
+        raise ValueError(f"{field}: {source.panoptic_json} does not exist; point it at the COCO-panoptic JSON") from None
+    base = sources.parent(source.panoptic_json)
+    return {"panoptic_json": f"sha256:{digest}", "png_dir": sources.relative(source.png_dir, base),
+            "images_root": sources.relative(source.images_root, base)}
+
+
 def segmenter_id(spec: SegmenterSpec, crops: CropSpec) -> str:
-    """The `segmenter` value of every row: name@revision-<hash of everything that changes output>."""
-    payload = json.dumps([SEGMENT_VERSION, spec.identity(), crops.identity()], sort_keys=True)
+    """The `segmenter` value of every row: name@revision-<hash of everything that changes output>.
+    Annotation sources are hashed by content and relative layout (`_annotations_identity`)."""
+    identity = spec.identity()
+    if spec.annotations:
+        identity["annotations"] = {name: _annotations_identity(name, src) for name, src in sorted(spec.annotations.items())}
+    payload = json.dumps([SEGMENT_VERSION, identity, crops.identity()], sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     if spec.kind == "annotations":
         name = "annotations"

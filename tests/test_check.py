@@ -4,8 +4,12 @@ copy of it is detected, named, and exits non-zero."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -14,8 +18,10 @@ from flows.cli import app
 from storage import shards
 from storage.catalog import connect
 from storage.layout import DataRoot
-from storage.schema import EXPERTS, FEATURES, IMAGES, QUARANTINE, to_table
+from storage.schema import EXPERTS, FEATURES, IMAGES, METRICS, PREDICTIONS, QUARANTINE, SEGMENTATIONS, to_table
 from tasks.check import IntegrityError, gate, integrity_checks
+from tasks.specs import CropSpec
+from helpers import write
 
 runner = CliRunner()
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -152,3 +158,76 @@ def test_the_build_gate_blocks_a_broken_catalog_and_reports_a_stale_one(catalog)
     source = SourceSpec(layout="g50", source=catalog.path("demo-world", "g50"), dataset="again")
     with pytest.raises(IntegrityError, match=FILES_COMMITTED):
         build_feature_datasets(sources=[source], segmenter=None, home=catalog.url)
+
+
+# ---------------------------------------------------------------- issue 13: duplicates and leftovers
+
+DUPLICATES = "no duplicate rows"
+LEFTOVERS = "no leftovers of dead writers"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (not reused this soon on a machine with pid_max >> load)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_duplicate_rows_in_every_table_fail_the_check(catalog):
+    """Two runs that did the same work (the same rows committed by two shards) are found in every table."""
+    def again(table: str, stage: str, dataset: str, partitions: dict, rows: list[dict], schema) -> None:
+        shards.commit_shard(catalog, stage, dataset, f"again-{table}", [shards.Output(table, partitions, to_table(rows, schema))])
+
+    image = first_row(catalog, "SELECT * FROM images_all")
+    again("images", "ingest", image["dataset"], {"dataset": image["dataset"]}, [image], IMAGES)
+    refused = {"source_uri": "/x.jpg", "dataset": "demo", "stage": "ingest", "reason": "truncated", "detail": "?",
+               "size_bytes": 1, "source_mtime": 1.0, "seen_at": NOW}
+    again("quarantine", "ingest", "demo", {"dataset": "demo"}, [refused, refused], QUARANTINE)
+    crop = first_row(catalog, "SELECT * EXCLUDE (filename) FROM features_all")
+    commit_features(catalog, "again-features", [crop])
+    outcome = first_row(catalog, "SELECT * FROM segmentations_all WHERE status = 'ok'")
+    again("segmentations", "segment", outcome["dataset"], {"segmenter": outcome["segmenter"], "dataset": outcome["dataset"]},
+          [outcome], SEGMENTATIONS)
+    expert = {"expert_id": "r/ground", "run_id": "r", "group": "ground", "segmenter": "s", "base_checkpoint": "b",
+              "uri": catalog.path("checkpoints", "x"), "labels": ["FR"], "snapshot": "x", "train_crops": 1,
+              "val_crops": 0, "steps": 1, "val_accuracy": None, "untrained": True, "metrics": "{}", "config": "{}",
+              "created_at": NOW}
+    again("experts", "train-experts", "experts", {"group": "ground"}, [expert, expert], EXPERTS)
+    prediction = {"eval_id": "e", "dataset": "demo", "image_id": image["image_id"], "method": "majority", "country": "FR",
+                  "predicted": "FR", "topk": ["FR"], "topk_score": [1.0], "crops": 1, "fallback": False, "created_at": NOW}
+    metric = {"eval_id": "e", "dataset": "demo", "method": "majority", "metric": "top1", "value": 1.0, "ci_low": 1.0,
+              "ci_high": 1.0, "n": 1, "untrained": True, "created_at": NOW}
+    shards.commit_shard(catalog, "evaluate", "demo", "again-eval", [
+        shards.Output("predictions", {"dataset": "demo"}, to_table([prediction, prediction], PREDICTIONS)),
+        shards.Output("metrics", {"dataset": "demo"}, to_table([metric, metric], METRICS))])
+    checks = {c.name: c for c in integrity_checks(catalog)}
+    assert not checks[DUPLICATES].passed
+    assert {r["tbl"] for r in checks[DUPLICATES].table.to_pylist()} == {
+        "images", "quarantine", "features", "segmentations", "experts", "predictions", "metrics"}
+    with pytest.raises(IntegrityError, match=DUPLICATES):  # duplicates block a build
+        gate(catalog, list(checks.values()))
+
+
+def test_leftovers_of_dead_writers_are_reported_and_swept_by_a_rerun(catalog):
+    """Finding 6: a kill during demo-world generation left `demo-world.tmp-*` that no rerun or check
+    noticed. Leftovers anywhere under the root are reported; a build removes a dead writer's."""
+    from flows.build_feature_datasets import build_feature_datasets
+    from tasks.specs import DemoSpec, SegmenterSpec
+    from conftest import EXPERT_DEMO
+
+    dead, live = dead_pid(), os.getpid()
+    world_tmp = Path(catalog.path(f"demo-world.tmp-{dead}-0123abcd"))
+    write(world_tmp / "g50" / "France" / "canvas_0.jpg", b"half a world")
+    shard_tmp = Path(catalog.path("images", "dataset=demo", f"x.parquet.tmp-{dead}-89abcdef"))
+    write(shard_tmp, b"half a shard")
+    busy = Path(catalog.path("_tmp", f"duckdb.tmp-{live}-0badcafe"))
+    busy.mkdir(parents=True)
+    code, out = run_check()
+    assert code == 1 and f"demo-world.tmp-{dead}-0123abcd" in out and f"x.parquet.tmp-{dead}-89abcdef" in out
+    check = next(c for c in integrity_checks(catalog) if c.name == LEFTOVERS)
+    assert not check.passed and "1 of running writers" in check.detail
+    assert {c.name for c in gate(catalog) if not c.passed} == {LEFTOVERS}  # reported, not blocking
+    build_feature_datasets(demo=DemoSpec(**EXPERT_DEMO), segmenter=SegmenterSpec(kind="annotations"),
+                           crops=CropSpec(min_area=40), home=catalog.url)
+    assert not world_tmp.exists() and not shard_tmp.exists() and busy.exists()  # a live writer's stays
+    assert next(c for c in integrity_checks(catalog) if c.name == LEFTOVERS).passed

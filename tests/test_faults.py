@@ -125,6 +125,20 @@ def test_retry_io_never_retries_permanent_errors(fast_retries, exc):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("exc,transient", [
+    (OSError(errno.EIO, "I/O error"), True), (OSError(errno.ETIMEDOUT, "timed out"), True),
+    (OSError(errno.ESTALE, "stale NFS handle"), True), (OSError("store failed the request"), True),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True), (TimeoutError("slow"), True),
+    (OSError(errno.ELOOP, "Too many levels of symbolic links"), False),  # a symlink loop: retrying loops again
+    (OSError(errno.ENXIO, "No such device or address"), False),  # a socket opened as a file
+    (OSError(errno.EINVAL, "Invalid argument"), False), (OSError(errno.ENODEV, "No such device"), False),
+    (OSError(errno.ENOSPC, "disk full"), False), (FileNotFoundError("gone"), False), (ValueError("bug"), False),
+])
+def test_only_true_io_faults_are_transient(exc, transient):
+    """Issue 13, finding 2: OSError 40 (a symlink loop) was retried as transient and failed the flow."""
+    assert shards.is_transient(exc) is transient
+
+
 def test_retry_delays_from_the_environment(monkeypatch):
     monkeypatch.setenv(retry.ENV_DELAYS, "0,0.5,2")
     assert retry.retry_delays() == [0.0, 0.5, 2.0]

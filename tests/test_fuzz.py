@@ -155,8 +155,14 @@ def test_every_fuzzed_input_is_one_row_of_images_or_quarantine(corpus, ingested)
     ("known_giant_png", "decompression_bomb"), ("known_giant_jpeg", "decompression_bomb"),
     ("known_copy", "duplicate"), ("known_half_png", "truncated"),
 ])
-def test_known_bad_inputs_get_their_reason(ingested, stem, reason):
+def test_known_bad_inputs_get_their_reason(corpus, ingested, stem, reason):
+    folder, cases = corpus
     root, _, _ = ingested
+    if reason == "duplicate":  # a fuzz case may hold the same bytes under another country, and sort first
+        data = next(d for rel, (_, d) in cases.items() if f"/{stem}." in f"/{rel}")
+        first = min(str(folder / rel) for rel, (_, d) in cases.items() if d == data)
+        if not first.startswith(str(folder / "France")):
+            reason = "duplicate_conflicting_label"
     assert rows(root, f"SELECT reason FROM quarantine WHERE source_uri LIKE '%/{stem}.%'") == [(reason,)]
 
 

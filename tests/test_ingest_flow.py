@@ -51,7 +51,7 @@ def g50_corpus(base) -> dict[str, str | None]:
         "England/notes.jpg": (b"shopping list\n" * 20, "not_an_image"),
         "England/bomb.png": (png_with_declared_size(60_000, 60_000), "decompression_bomb"),
         "England/exif.jpg": (jpeg_with_broken_exif(), "bad_exif"),
-        "England/readme.txt": (b"hello", "unsupported_extension"),
+        "England/readme.txt": (b"hello", "not_an_image"),  # read like any file: the content decides
         "Utah/canvas_1.jpg": (image_bytes("JPEG", seed=10), "unknown_country"),
         "stray.jpg": (image_bytes("JPEG", seed=11), "no_country_folder"),
         "France/zz_copy.jpg": (image_bytes("JPEG", seed=1), "duplicate"),  # same bytes as canvas_1
@@ -68,7 +68,7 @@ def test_g50_every_input_is_accounted_for(tmp_path, root):
     expected[str(tmp_path / "g50" / "compressed_dataset" / "Japan" / "huge.jpg")] = "too_large"
     summary = ingest(SourceSpec(layout="g50", source=str(tmp_path / "g50"), dataset="g50"),
                      IngestOptions(shard_size=4, max_bytes=100_000), home=root.url)
-    assert summary["shards"] == 6  # 17 files to read in shards of 4, plus the listing rejections
+    assert summary["shards"] == 6  # 18 files to read in shards of 4, plus the listing rejections
     con = connect(root)
     images = dict(con.sql("SELECT source_uri, country FROM images").fetchall())
     quarantined = dict(con.sql("SELECT source_uri, reason FROM quarantine").fetchall())
@@ -238,11 +238,11 @@ def test_transient_read_errors_are_retried(tmp_path, root, monkeypatch):
     write(tmp_path / "src" / "Chile" / "a.jpg", image_bytes("JPEG", seed=800))
     real, calls = sources.read_bytes, []
 
-    def flaky(uri):
+    def flaky(uri, **kw):
         calls.append(uri)
         if len(calls) == 1:
             raise ConnectionError("connection reset by peer")
-        return real(uri)
+        return real(uri, **kw)
 
     monkeypatch.setattr(sources, "read_bytes", flaky)
     summary = ingest(SourceSpec(layout="g50", source=str(tmp_path / "src"), dataset="cl"), home=root.url)
@@ -255,7 +255,7 @@ def test_bugs_are_not_retried(tmp_path, root, monkeypatch):
     write(tmp_path / "src" / "Chile" / "a.jpg", image_bytes("JPEG", seed=801))
     calls = []
 
-    def broken(uri):
+    def broken(uri, **kw):
         calls.append(uri)
         raise KeyError("a bug, not a flaky disk")
 

@@ -8,7 +8,14 @@ schema and rows."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
+import os
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from storage.schema import FEATURES, SEGMENTATIONS, to_table
 from test_catalog import commit, image_row
 
 runner = CliRunner()
+PROJECT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 EVIL = "{home}/images/dataset=g50/evil.parquet"  # inside a folder DuckDB may read
 SERIALIZED_COPY = ("SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
@@ -174,3 +182,63 @@ def test_analytical_queries_are_allowed(home, statement):
 
 def test_the_tables_are_big_enough():
     assert len(HOSTILE) >= 30 and len(ALLOWED) >= 15
+
+
+# ---------------------------------------------------------------- bounded (issue 13, finding 4)
+
+
+def geofeat(home: DataRoot, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The CLI in a child process: a query that never ends fails this test instead of hanging it."""
+    env = {**os.environ, "GEOFEAT_HOME": home.url, "PYTHONPATH": str(PROJECT)}
+    try:
+        return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args], env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=home.url)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`geofeat {' '.join(args)}` ran past {timeout} s")
+
+
+@pytest.mark.parametrize("statement", [
+    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+    "SELECT count(*) FROM range(1000000000000)",
+])
+def test_an_endless_query_is_stopped_at_its_time_limit(home, statement):
+    started = time.monotonic()
+    res = geofeat(home, "sql", statement, "--timeout", "2")
+    assert res.returncode == 2 and "ran longer than 2 s" in res.stderr and "--timeout" in res.stderr, res.stderr
+    assert time.monotonic() - started < 60  # 2 s of query plus the CLI's start
+
+
+def test_memory_and_spill_are_bounded_under_the_data_root(home, tmp_path):
+    settings = ("SELECT current_setting('memory_limit') AS mem, current_setting('max_temp_directory_size') AS spill, "
+                "current_setting('temp_directory') AS tmp")
+    default = json.loads(geofeat(home, "sql", settings, "--format", "json").stdout)[0]
+    assert default["mem"] in ("1.8 GiB", "2.0 GB", "1.8GiB") and default["spill"] in ("7.4 GiB", "8.0 GB", "7.4GiB")
+    assert default["tmp"].startswith(home.path("_tmp") + "/duckdb.tmp-")  # not ./.tmp of the current folder
+    set_ = json.loads(geofeat(home, "sql", settings, "--format", "json", "--memory-limit", "512MB").stdout)[0]
+    assert set_["mem"] in ("488.2 MiB", "512.0 MB", "488.2MiB")
+    bad = geofeat(home, "sql", "SELECT 1", "--memory-limit", "lots")
+    assert bad.returncode == 2 and "--memory-limit must be a size" in bad.stderr
+    huge = geofeat(home, "sql", "SELECT * FROM range(30000000) t(i) ORDER BY hash(i)", "--memory-limit", "64MB",
+                   "--temp-limit", "64MB", "--max-rows", "1")
+    assert huge.returncode == 2 and "needs more than memory_limit=64MB" in huge.stderr, huge.stderr
+    assert not [p for p in Path(home.path("_tmp")).iterdir()]  # each query's spill folder went with it
+
+
+def test_every_format_prints_nested_columns(home):
+    """`--format csv` crashed on any list or struct column (`SELECT feature_id, bbox FROM features`)."""
+    query = "SELECT feature_id, bbox, crop, {'a': [1, 2]} AS s, map([1], ['x']) AS m FROM features"
+    out = {fmt: geofeat(home, "sql", query, "--format", fmt) for fmt in ("table", "csv", "json")}
+    assert all(r.returncode == 0 for r in out.values()), {f: r.stderr[-500:] for f, r in out.items()}
+    row = next(csv.DictReader(io.StringIO(out["csv"].stdout)))
+    assert json.loads(row["bbox"]) == [0, 0, 4, 4] and base64.b64decode(json.loads(row["crop"])["bytes"]) == b"x"
+    assert json.loads(row["s"]) == {"a": [1, 2]}
+    got = json.loads(out["json"].stdout)[0]
+    assert got["bbox"] == [0, 0, 4, 4] and base64.b64decode(got["crop"]["bytes"]) == b"x"
+    assert "f1" in out["table"].stdout
+
+
+def test_a_long_result_is_cut_and_says_so(home):
+    res = geofeat(home, "sql", "SELECT * FROM range(50) t(i)", "--format", "csv", "--max-rows", "10")
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 11 and "the first 10 rows" in res.stderr
+    whole = geofeat(home, "sql", "SELECT * FROM range(50) t(i)", "--format", "csv", "--max-rows", "0")
+    assert len(whole.stdout.splitlines()) == 51 and whole.stderr == ""

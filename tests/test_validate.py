@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from helpers import image_bytes
-from tasks.validate import REASONS, BadInput, inspect_image, is_image_name, load_rgb
+from tasks.validate import REASONS, BadInput, inspect_image, load_rgb
 
 
 def reason_of(data: bytes, **kw) -> str:
@@ -72,6 +72,17 @@ def test_exif_orientation_is_respected():
     assert load_rgb(buf.getvalue()).size == (30, 40)
 
 
-def test_extensions_are_case_insensitive():
-    assert all(is_image_name(n) for n in ["a.JPG", "b.jpeg", "c.Png", "d.webp", "e.JPEG"])
-    assert not any(is_image_name(n) for n in ["a.txt", "b.gif", "jpg", "c.jpg.bak"])
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "AVIF"])
+def test_other_image_formats_are_unsupported_and_say_what_they_are(fmt):
+    """Issue 13, finding 8: the bytes decide, never the file name (ingest adds the name to the detail)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(buf, fmt)
+    with pytest.raises(BadInput) as err:
+        inspect_image(buf.getvalue())
+    assert err.value.reason == "unsupported_format" and err.value.detail.startswith(f"{fmt} image (20x10 px)")
+
+
+def test_what_a_non_image_is_is_said():
+    assert "HEIC image" in pytest.raises(BadInput, inspect_image, b"\0\0\0\x18ftypheic" + b"\0" * 40).value.detail
+    assert "PDF document" in pytest.raises(BadInput, inspect_image, b"%PDF-1.7" + b"\0" * 40).value.detail
+    assert "text ('shopping list" in pytest.raises(BadInput, inspect_image, b"shopping list\n" * 4).value.detail

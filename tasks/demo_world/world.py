@@ -19,18 +19,23 @@ files on any machine with the same numpy/Pillow (no timestamps are embedded).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import tempfile
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from storage.publish import staged_folder
-from storage.sources import url_fs
+from storage.locks import held
+from storage.publish import AlreadyPublished, staged_folder, sweep_dead_temps
+from storage.sources import is_local, url_fs
 from tasks.demo_world.render import coco_categories, label_ids_of_map, pick, render_scene
 from tasks.demo_world.styles import COUNTRIES, CountryStyle
 from tasks.specs import DemoSpec
@@ -238,23 +243,43 @@ def generate_demo_world(out: str, spec: DemoSpec = DemoSpec(), overwrite: bool =
     Idempotent: an existing world with the same spec and generator version is returned
     untouched. A different one raises ValueError unless overwrite=True (which always
     regenerates). Written into a sibling temp folder and swapped in (storage.publish), so
-    readers never see a half-written world. Returns the parsed world.json.
+    readers never see a half-written world; a killed generation's temp folder is swept first.
+    Generated once when runs race: on a local `out` a lock (in the system temp folder) makes the
+    second wait and reuse the first's world; elsewhere the first to publish wins and the other
+    drops its copy and reuses it. Returns the parsed world.json.
     """
     fs, root = url_fs(out)
-    existing = read_world(out)
-    if existing is not None and not overwrite:
-        if _matches(existing, spec):
-            logger.info("demo world at %s is up to date (%s)", out, existing["spec"])
-            return existing
-        raise ValueError(
-            f"{out} holds a demo world with spec {existing.get('spec')} (version {existing.get('version')}), "
-            f"not {spec.resolved()} (version {GENERATOR_VERSION}); pass overwrite=True or choose another --out")
-    if existing is None and not overwrite and fs.exists(root) and fs.ls(root):
-        raise ValueError(f"{out} exists and is not a demo world; pass overwrite=True or choose another --out")
-    started = time.perf_counter()
-    logger.info("generating demo world %s at %s", spec.resolved(), out)
-    with staged_folder(out) as (tmp_fs, tmp):
-        world = _write_world(tmp_fs, tmp, spec)
+    root = root.rstrip("/")
+    swept = sweep_dead_temps(fs, root)
+    if swept:
+        logger.info("removed %d temp folder(s) of demo-world generations that died: %s", len(swept), swept)
+    # The lock sits in the system temp folder, keyed by the world's path: nothing beside the world.
+    key = hashlib.sha256(root.encode()).hexdigest()[:16]
+    lock = held(os.path.join(tempfile.gettempdir(), "geofeat-locks", f"demo-world-{key}.lock"),
+                f"generating the demo world at {out}", log=logger) if is_local(out) else nullcontext()
+    with lock:
+        existing = read_world(out)
+        if existing is not None and not overwrite:
+            if _matches(existing, spec):
+                logger.info("demo world at %s is up to date (%s)", out, existing["spec"])
+                return existing
+            raise ValueError(
+                f"{out} holds a demo world with spec {existing.get('spec')} (version {existing.get('version')}), "
+                f"not {spec.resolved()} (version {GENERATOR_VERSION}); pass overwrite=True or choose another --out")
+        if existing is None and not overwrite and fs.exists(root) and fs.ls(root):
+            raise ValueError(f"{out} exists and is not a demo world; pass overwrite=True or choose another --out")
+        started = time.perf_counter()
+        logger.info("generating demo world %s at %s", spec.resolved(), out)
+        try:
+            with staged_folder(out, replace=overwrite) as (tmp_fs, tmp):
+                world = _write_world(tmp_fs, tmp, spec)
+        except AlreadyPublished:
+            world = read_world(out)
+            if world is None or not _matches(world, spec):
+                raise ValueError(f"{out}: another run published a different demo world meanwhile "
+                                 f"({None if world is None else world.get('spec')}); choose another --out") from None
+            logger.info("demo world at %s was published by another run meanwhile; using it", out)
+            return world
     logger.info("demo world ready at %s: %d G50 + %d held-out images, %d messy files in %.1f s", out,
                 world["counts"]["g50_images"], world["counts"]["im2gps_images"], len(world["messy"]),
                 time.perf_counter() - started)
