@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel
 
 from models.labels import label_set_for_checkpoint, load_label_map
+from storage import sources
 from storage.layout import DataRoot
 from storage.queries import catalog
 from storage.shards import is_committed, read_commits, shard_id
