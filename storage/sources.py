@@ -52,6 +52,10 @@ class NotRegularFile(OSError):
     """A read found a FIFO, socket, device or folder where a regular file was listed."""
 
 
+class FolderNotFile(NotRegularFile, IsADirectoryError):
+    """A read found a folder: both a NotRegularFile and the IsADirectoryError callers expect."""
+
+
 class TooLarge(ValueError):
     """A read got more bytes than its limit (whatever size the listing said)."""
 
@@ -286,6 +290,8 @@ def read_bytes(uri: str, limit: int | None = None) -> bytes:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FolderNotFile(errno.EISDIR, "a folder, not a regular file", path)
         if not stat.S_ISREG(mode):
             raise NotRegularFile(errno.EINVAL, f"{_kind(mode)}, not a regular file", path)
         if hasattr(os, "set_blocking"):
