@@ -1,5 +1,7 @@
 """End to end against a real local Prefect server, the way a user runs it:
-`geofeat up` -> `prefect deployment run build-feature-datasets/demo --watch` -> `geofeat down`.
+`geofeat up` -> `prefect deployment run build-feature-datasets/demo --watch` -> `geofeat deploy FILE`
+-> `prefect deployment run ingest/mine --watch` -> `geofeat down` from another folder. One server for
+all of it: starting one (server, migrations, worker) is the slow part.
 
 Marked `server` so it can run alone (`make test-server`); it is part of `make test` too.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import image_bytes, write
 from storage.catalog import query
 from storage.layout import DataRoot
 
@@ -30,8 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], env: dict, timeout: int = 300) -> str:
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], env: dict, timeout: int = 300, cwd: Path | None = None) -> str:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res.stdout
 
@@ -54,9 +57,13 @@ def wait_for_runs(api_url: str, deployment: str, count: int, terminal: bool = Fa
 
 
 @pytest.mark.server
-def test_up_deployment_run_down(tmp_path):
+def test_up_deployment_run_deploy_down(tmp_path):
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL", "GEOFEAT_HOME")}
+    env["GEOFEAT_STATE_DIR"] = str(tmp_path / "state")  # where `up` notes its root (not the user's ~/.local)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    no_home = dict(env)
     env["GEOFEAT_HOME"] = str(home)
     port = free_port()
     geofeat = str(BIN / "geofeat")
@@ -92,8 +99,28 @@ def test_up_deployment_run_down(tmp_path):
         assert len(wait_for_runs(server["api_url"], "train-experts/demo", count=1)) == 1
         run([geofeat, "up", "--port", str(port)], env)  # idempotent: reuses the running server
         assert json.loads((home / "prefect" / "run" / "server.json").read_text())["pid"] == server["pid"]
+        deploy_a_config_file(tmp_path / "proj", elsewhere, env, run_env, home)
     finally:
-        run([geofeat, "down"], env)
+        out = run([geofeat, "down"], no_home, cwd=elsewhere)  # no GEOFEAT_HOME, another folder: it finds the server
+    assert f"(pid {server['pid']})" in out
     with pytest.raises(ProcessLookupError):
         os.kill(server["pid"], 0)
     assert not (home / "prefect" / "run" / "server.json").exists()
+
+
+def deploy_a_config_file(proj: Path, elsewhere: Path, env: dict, run_env: dict, home: Path) -> None:
+    """`geofeat deploy FILE --name mine` from another folder: the file's relative paths mean the
+    file's folder, on the worker too."""
+    for i, country in enumerate(["France", "Japan"]):
+        write(proj / "photos" / country / f"canvas_{i}.jpg", image_bytes("JPEG", seed=70 + i))
+    write(proj / "mine.yaml", b"ingest:\n  source: {layout: g50, source: photos, dataset: from-file}\n"
+                              b"  options: {shard_size: 1}\n")
+    out = run([str(BIN / "geofeat"), "deploy", str(proj / "mine.yaml"), "--name", "mine"], env, cwd=elsewhere)
+    assert "deployed ingest/mine" in out
+    out = run([str(BIN / "prefect"), "deployment", "run", "ingest/mine", "--watch"], run_env, timeout=400,
+              cwd=elsewhere)
+    assert "Completed" in out
+    rows = query(DataRoot(str(home)), "SELECT dataset, source_uri FROM images WHERE dataset = 'from-file' "
+                                      "ORDER BY 2").to_pylist()
+    assert len(rows) == 2
+    assert all(r["source_uri"].startswith(str(proj / "photos")) for r in rows)  # the file's folder, on the worker
