@@ -70,10 +70,13 @@ UNTRAINED_BANNER = (
 
 
 def fmt(value: float | None, low: float | None = None, high: float | None = None) -> str | None:
-    """`0.542 [0.51, 0.57]`; the value alone without a CI; None without a value."""
+    """`0.542 [0.51, 0.57]`; the value alone without a CI; None without a value; `—` for NaN (a row
+    with no image to score, n = 0)."""
     if value is None:
         return None
-    if low is None or high is None:
+    if math.isnan(value):
+        return "—"
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 

@@ -67,6 +67,8 @@ def test_fmt():
     assert er.fmt(0.5421, 0.5123, 0.5711) == "0.542 [0.51, 0.57]"
     assert er.fmt(0.5, None, None) == "0.500"
     assert er.fmt(None) is None
+    assert er.fmt(float("nan"), float("nan"), float("nan")) == "—"  # a row with no image to score (n = 0)
+    assert er.fmt(0.5, float("nan"), float("nan")) == "0.500"
 
 
 def test_table1_poster_numbers_only_on_matching_rows():
